@@ -1,0 +1,320 @@
+"""The training recipe: typed dataclasses loaded from YAML, validated once, overridable from the CLI.
+
+Every section is a dataclass; an unknown key, a wrong type or a value outside a fixed set of
+choices raises :class:`ConfigError` naming the dotted key and what is allowed.
+
+Example:
+    >>> recipe = recipe_from_dict({"model": {"arch": "FPN"}, "train": {"epochs": 2}})
+    >>> recipe.model.arch, recipe.train.epochs, recipe.data.kind
+    ('FPN', 2, 'synthetic')
+    >>> apply_overrides(recipe, ["optim.lr=0.01"]).optim.lr
+    0.01
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot be used; the message names the key and the fix."""
+
+
+DATA_KINDS = ("synthetic", "cityscapes", "voc", "folder")
+RESIZE_POLICIES = ("resize", "pad")
+OPTIMIZERS = ("adamw", "sgd")
+LR_POLICIES = ("poly", "cosine", "constant")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+DEVICES = ("auto", "cpu", "cuda")
+EXPORT_METHODS = ("trace", "script")
+
+# Fields restricted to a fixed set of values: (section, field) -> allowed values.
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("data", "kind"): DATA_KINDS,
+    ("data", "resize_policy"): RESIZE_POLICIES,
+    ("optim", "name"): OPTIMIZERS,
+    ("schedule", "policy"): LR_POLICIES,
+    ("train", "amp"): AMP_MODES,
+    ("train", "device"): DEVICES,
+    ("export", "method"): EXPORT_METHODS,
+}
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded default dataset: procedurally drawn scenes, deterministic from ``seed``."""
+
+    num_train: int = 800
+    num_val: int = 160
+    image_size: tuple[int, int] = (128, 128)
+    seed: int = 0
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation (albumentations); probabilities and ranges."""
+
+    hflip: float = 0.5
+    vflip: float = 0.0
+    scale: tuple[float, float] = (0.75, 1.25)
+    rotate: float = 0.0
+    color_jitter: float = 0.2
+    noise: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"
+    root: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    input_size: tuple[int, int] = (128, 128)
+    resize_policy: str = "resize"
+    # None: the encoder's own normalisation (smp's preprocessing params).
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    ignore_index: int = 255
+    batch_size: int = 16
+    num_workers: int = 0
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "Unet"
+    encoder: str = "resnet18"
+    # None trains from scratch; "imagenet" etc. downloads weights (needs internet).
+    encoder_weights: str | None = None
+    # Passed through to smp.create_model (e.g. decoder_channels, encoder_depth).
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    """``L = ce * CrossEntropy + dice * Dice + focal * Focal``; every term honours ignore_index."""
+
+    ce: float = 1.0
+    dice: float = 0.0
+    focal: float = 0.0
+    class_weights: list[float] | None = None
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warmup for ``warmup_epochs``, then ``policy`` decay to ``min_lr_ratio * lr``."""
+
+    policy: str = "poly"
+    warmup_epochs: float = 1.0
+    power: float = 0.9
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    amp: str = "auto"
+    device: str = "auto"
+    grad_clip: float | None = 1.0
+    early_stopping_patience: int | None = None
+    early_stopping_min_delta: float = 0.0
+    deterministic: bool = True
+    threads: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    boundary_tolerance: int = 2
+    num_overlays: int = 4
+
+
+@dataclass
+class ExportConfig:
+    method: str = "trace"
+    onnx: bool = False
+    parity_atol: float = 1e-4
+    # Extra (H, W) sizes, multiples of 32, on which parity is also checked.
+    parity_sizes: list[tuple[int, int]] = field(default_factory=list)
+    model_name: str = "segmenter"
+    model_version: str = "1.0"
+
+
+@dataclass
+class Recipe:
+    name: str = "default"
+    seed: int = 0
+    output_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(value: Any) -> Any:
+    """Tuples → lists so the dict round-trips through YAML/JSON unchanged."""
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (lists → tuples...)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp in (int, str) and isinstance(value, tp) and not isinstance(value, bool):
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"'{prefix}'" if prefix else "the recipe"
+        raise ConfigError(
+            f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where}; "
+            f"allowed keys: {', '.join(names)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+        allowed = CHOICES.get((prefix, name))
+        if allowed is not None and kwargs[name] not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+    return cls(**kwargs)
+
+
+def _check(recipe: Recipe) -> Recipe:
+    """Cross-field rules that a single type cannot express."""
+    h, w = recipe.data.input_size
+    if h % 32 or w % 32 or h <= 0 or w <= 0:
+        raise ConfigError(
+            f"data.input_size: {[h, w]} must be positive multiples of 32 (smp encoders "
+            "downsample 5 times); e.g. [128, 128] or [512, 1024]"
+        )
+    if recipe.loss.ce < 0 or recipe.loss.dice < 0 or recipe.loss.focal < 0:
+        raise ConfigError("loss: ce, dice and focal weights must be >= 0")
+    if recipe.loss.ce + recipe.loss.dice + recipe.loss.focal == 0:
+        raise ConfigError("loss: at least one of ce, dice, focal must be > 0")
+    if recipe.train.epochs < 1:
+        raise ConfigError(f"train.epochs: must be >= 1, got {recipe.train.epochs}")
+    if recipe.data.batch_size < 1:
+        raise ConfigError(f"data.batch_size: must be >= 1, got {recipe.data.batch_size}")
+    if recipe.data.kind != "synthetic" and not recipe.data.root:
+        raise ConfigError(f"data.root: required for data.kind={recipe.data.kind!r}")
+    if (recipe.data.mean is None) != (recipe.data.std is None):
+        raise ConfigError("data.mean and data.std: give both or neither")
+    for size in recipe.export.parity_sizes:
+        if size[0] % 32 or size[1] % 32:
+            raise ConfigError(f"export.parity_sizes: {list(size)} is not a multiple of 32")
+    return recipe
+
+
+def recipe_from_dict(data: dict[str, Any] | None) -> Recipe:
+    """Validate a plain mapping (e.g. parsed YAML) into a :class:`Recipe`."""
+    return _check(_build(Recipe, data or {}, ""))
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply ``key.sub=value`` overrides, validate."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: recipe not found; see configs/ for examples") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
+    try:
+        return apply_overrides(recipe_from_dict(data), overrides or [])
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
+    """Return a new recipe with ``section.key=value`` items applied (values parsed as YAML)."""
+    data = recipe.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.sub=value, e.g. train.epochs=5")
+        dotted, raw = item.split("=", 1)
+        node = data
+        parts = dotted.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = node[part]
+        node[parts[-1]] = yaml.safe_load(raw)
+    return recipe_from_dict(data)
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write the resolved recipe next to a run's outputs."""
+    Path(path).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
