@@ -93,9 +93,12 @@ class Geometry:
 
 
 def rgb_array_to_tensor(rgb: np.ndarray) -> torch.Tensor:
-    """``(H, W, 3)`` uint8 array → ``(3, H, W)`` uint8 tensor (no copy of the pixels' values)."""
+    """``(H, W, 3)`` uint8 array → ``(3, H, W)`` uint8 tensor (a view when the array allows it)."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 array, got {rgb.shape} {rgb.dtype}")
+    if not rgb.flags.writeable:
+        # torch.from_numpy warns on read-only memory (e.g. np.asarray of a PIL image).
+        rgb = rgb.copy()
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
 
 
@@ -147,6 +150,8 @@ def logits_to_prediction(
     ch, cw = geometry.content_size
     x = logits[:, :ch, :cw].to(torch.float32)
     if (ch, cw) != geometry.original_size:
-        x = F.interpolate(x[None], size=geometry.original_size, mode="bilinear", align_corners=False)[0]
+        x = F.interpolate(
+            x[None], size=geometry.original_size, mode="bilinear", align_corners=False
+        )[0]
     confidence, mask = torch.softmax(x, dim=0).max(dim=0)
     return mask, confidence

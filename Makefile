@@ -1,0 +1,59 @@
+# segserve — every target has a one-line description that `make help` prints.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+CONFIG      ?= configs/default.yaml
+RUN_DIR     ?= runs/default
+MODEL_NAME  ?= segmenter
+MODEL_VERSION ?= 1.0
+BATCH_SIZE  ?= 8
+MAX_BATCH_DELAY ?= 10
+ARGS        ?=
+
+.PHONY: help install train evaluate export archive serve stop predict demo test test-fast lint bench loadtest soak chaos k8s-validate clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m client.grpc_stubs
+	touch $@
+
+install: $(VENV)/.installed ## make .venv and install everything (torch, smp, TorchServe, gRPC stubs)
+
+train: install ## train the recipe CONFIG (default: the embedded synthetic dataset) into RUN_DIR
+	$(PY) -m training train --config $(CONFIG) --run-dir $(RUN_DIR) $(ARGS)
+
+evaluate: install ## evaluate RUN_DIR's best checkpoint: per-class table, confusion matrix, overlays
+	$(PY) -m training evaluate --run-dir $(RUN_DIR)
+
+export: install ## export RUN_DIR's best checkpoint to TorchScript + metadata, with a parity check
+	$(PY) -m training export --run-dir $(RUN_DIR)
+
+archive: install ## pack RUN_DIR/export into model_archives/$(MODEL_NAME).mar (+ manifest)
+	$(PY) -m serving.archive --export-dir $(RUN_DIR)/export --model-name $(MODEL_NAME) \
+		--version $(MODEL_VERSION) --batch-size $(BATCH_SIZE) --max-batch-delay $(MAX_BATCH_DELAY) \
+		--out-dir model_archives
+
+serve: install ## start TorchServe with config.properties and wait until the model answers
+	$(PY) -m serving.server start --config config.properties
+
+stop: install ## stop TorchServe
+	$(PY) -m serving.server stop
+
+test: install ## run the whole test suite (installs first when needed)
+	$(PY) -m pytest
+
+test-fast: install ## run the tests that neither train for long nor start TorchServe
+	$(PY) -m pytest -m 'not slow'
+
+lint: install ## ruff check + format check
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+clean: ## remove runs, archives and server logs (keeps .venv)
+	rm -rf runs logs model_archives/*.mar model_archives/*.manifest.json key_file.json

@@ -1,0 +1,1 @@
+"""`make bench`: floor vs segserve (REST/gRPC, batching on/off) vs a naive FastAPI peer."""

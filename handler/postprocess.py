@@ -1,0 +1,105 @@
+"""One image's prediction → statistics and the response body in the requested format.
+
+Pure numpy; the mask and confidence come from ``handler.preprocessing.logits_to_prediction``.
+
+The ``json`` answer (compact: the mask travels as a base64 PNG, not per-pixel JSON)::
+
+    {"model_name": "segmenter", "model_version": "1.0", "width": 640, "height": 480,
+     "mean_confidence": 0.91,
+     "classes": [{"id": 0, "name": "background", "color": [0, 0, 0],
+                  "pixel_fraction": 0.7, "confidence": 0.95}, ...],
+     "mask_format": "png/base64", "mask": "iVBORw0KGgo..."}
+
+``pixel_fraction`` sums to 1 over classes; ``confidence`` (mean softmax probability of the
+winning class over that class's pixels) is ``null`` for a class with no pixels.
+
+Example:
+    >>> mask = np.array([[0, 0], [1, 1]])
+    >>> conf = np.array([[0.9, 0.7], [0.6, 0.8]], dtype=np.float32)
+    >>> class_fractions(mask, 3).tolist()
+    [0.5, 0.5, 0.0]
+    >>> [round(c, 2) for c in class_confidences(mask, conf, 3)[:2]]
+    [0.8, 0.7]
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from handler.imaging import encode_color_png, encode_mask_png, encode_overlay
+from handler.metadata import ModelMetadata
+
+
+def class_fractions(mask: np.ndarray, num_classes: int) -> np.ndarray:
+    """Fraction of the image's pixels per class, ``(num_classes,)`` float64 summing to 1."""
+    counts = np.bincount(mask.reshape(-1), minlength=num_classes)[:num_classes]
+    return counts.astype(np.float64) / max(int(mask.size), 1)
+
+
+def class_confidences(mask: np.ndarray, confidence: np.ndarray, num_classes: int) -> np.ndarray:
+    """Mean confidence per class over its pixels; NaN for classes absent from the mask."""
+    flat = mask.reshape(-1)
+    counts = np.bincount(flat, minlength=num_classes)[:num_classes]
+    sums = np.bincount(
+        flat, weights=confidence.reshape(-1).astype(np.float64), minlength=num_classes
+    )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums[:num_classes] / counts, np.nan)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
+
+
+def json_body(
+    mask: np.ndarray, confidence: np.ndarray, meta: ModelMetadata, mask_png: bytes | None = None
+) -> dict[str, Any]:
+    """The ``json`` answer as a dict (see the module docstring)."""
+    fractions = class_fractions(mask, meta.num_classes)
+    confidences = class_confidences(mask, confidence, meta.num_classes)
+    png = mask_png if mask_png is not None else encode_mask_png(mask, meta.num_classes)
+    return {
+        "model_name": meta.model_name,
+        "model_version": meta.model_version,
+        "width": int(mask.shape[1]),
+        "height": int(mask.shape[0]),
+        "mean_confidence": float(confidence.mean()) if confidence.size else None,
+        "classes": [
+            {
+                "id": i,
+                "name": meta.class_names[i],
+                "color": list(meta.palette[i]),
+                "pixel_fraction": float(fractions[i]),
+                "confidence": _finite_or_none(float(confidences[i])),
+            }
+            for i in range(meta.num_classes)
+        ],
+        "mask_format": "png/base64",
+        "mask": base64.b64encode(png).decode("ascii"),
+    }
+
+
+def encode_output(
+    output: str,
+    rgb: np.ndarray,
+    mask: np.ndarray,
+    confidence: np.ndarray,
+    meta: ModelMetadata,
+) -> bytes:
+    """The response body for one image in format ``output`` (see handler.request)."""
+    if output == "mask":
+        return encode_mask_png(mask, meta.num_classes)
+    if output == "color":
+        return encode_color_png(mask, meta.palette)
+    if output == "overlay":
+        return encode_overlay(rgb, mask, meta.palette, "PNG")
+    if output == "overlay_jpeg":
+        return encode_overlay(rgb, mask, meta.palette, "JPEG")
+    if output == "json":
+        return json.dumps(json_body(mask, confidence, meta), separators=(",", ":")).encode()
+    raise ValueError(f"unknown output format {output!r}")

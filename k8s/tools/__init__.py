@@ -1,0 +1,1 @@
+"""Tooling for segserve's Kubernetes manifests: render, validate, deploy (see k8s/README.md)."""

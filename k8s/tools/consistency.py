@@ -1,0 +1,293 @@
+"""Hold the rendered manifests to the rest of the project: config.properties, the handler's
+metrics YAML, the archive's response timeout, and the security baseline.
+
+Each check returns a list of problems (empty when fine), every one naming the object and field.
+
+Example:
+    >>> exported_metric_names({"model_metrics": {"histogram": [{"name": "h"}]}})
+    ['h_bucket', 'h_count', 'h_sum']
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from pathlib import Path
+
+import yaml
+
+from k8s.tools.promrules import adapter_query_to_promql, grafana_to_promql, metric_names
+from k8s.tools.properties import port_of
+from k8s.tools.render import find, object_name
+
+# Scraped from kube-state-metrics, not from TorchServe.
+KUBE_STATE_METRICS = frozenset({"kube_pod_container_status_restarts_total"})
+# config.properties keys TorchServe accepts as TS_<KEY> environment variables.
+DEFAULT_RESPONSE_TIMEOUT_S = 120
+
+
+def exported_metric_names(metrics_config: dict) -> list[str]:
+    """Series names TorchServe's Prometheus endpoint can show for a metrics YAML."""
+    names = set()
+    for section in ("ts_metrics", "model_metrics"):
+        for kind, specs in (metrics_config.get(section) or {}).items():
+            for spec in specs or []:
+                if kind == "histogram":
+                    names |= {f"{spec['name']}{s}" for s in ("_bucket", "_sum", "_count")}
+                else:
+                    names.add(spec["name"])
+    return sorted(names)
+
+
+def torchserve_container(deployment: dict) -> dict:
+    """The container named torchserve."""
+    for c in deployment["spec"]["template"]["spec"]["containers"]:
+        if c["name"] == "torchserve":
+            return c
+    raise KeyError(f"{object_name(deployment)}: no container named torchserve")
+
+
+def effective_config(props: dict[str, str], container: dict) -> dict[str, str]:
+    """config.properties as TorchServe in the pod sees it: TS_* env and CLI flags applied."""
+    cfg = dict(props)
+    if cfg.get("enable_envvars_config", "false").lower() == "true":
+        for env in container.get("env", []):
+            if env["name"].startswith("TS_") and "value" in env:
+                cfg[env["name"][3:].lower()] = env["value"]
+    if "--disable-token-auth" in container.get("args", []):
+        cfg["disable_token_authorization"] = "true"
+    return cfg
+
+
+def check_envvars_enabled(props: dict[str, str], container: dict) -> list[str]:
+    ts_env = [e["name"] for e in container.get("env", []) if e["name"].startswith("TS_")]
+    if ts_env and props.get("enable_envvars_config", "false").lower() != "true":
+        return [
+            f"config.properties: the pod overrides {', '.join(ts_env)} but TorchServe ignores "
+            "TS_* variables unless config.properties sets enable_envvars_config=true; add it"
+        ]
+    return []
+
+
+def check_ports(objects: list[dict], cfg: dict[str, str]) -> list[str]:
+    """Container and Service ports equal config.properties'; management is never exposed."""
+    deployment = find(objects, "Deployment", "segserve")
+    container = torchserve_container(deployment)
+    expected = {
+        "http": port_of(cfg.get("inference_address", "http://127.0.0.1:8080")),
+        "grpc": int(cfg.get("grpc_inference_port", 7070)),
+        "metrics": port_of(cfg.get("metrics_address", "http://127.0.0.1:8082")),
+    }
+    ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+    problems = [
+        f"{object_name(deployment)}: containerPort {name}={ports.get(name)} but config.properties "
+        f"says {port}"
+        for name, port in expected.items()
+        if ports.get(name) != port
+    ]
+    private = {
+        port_of(cfg.get("management_address", "http://127.0.0.1:8081")),
+        int(cfg.get("grpc_management_port", 7071)),
+    }
+    for svc in (o for o in objects if o["kind"] == "Service"):
+        for p in svc["spec"]["ports"]:
+            target = p.get("targetPort", p["port"])
+            target = ports.get(target, target)
+            if target in private:
+                problems.append(f"{object_name(svc)}: port {p['name']} exposes management {target}")
+            elif target not in ports.values():
+                problems.append(
+                    f"{object_name(svc)}: port {p['name']} targets {target}, which "
+                    "the torchserve container does not serve"
+                )
+    for netpol in (o for o in objects if o["kind"] == "NetworkPolicy"):
+        for rule in netpol["spec"].get("ingress", []):
+            for p in rule.get("ports", []):
+                if ports.get(p["port"], p["port"]) in private:
+                    problems.append(f"{object_name(netpol)}: ingress allows management {p['port']}")
+    for key in ("inference_address", "metrics_address"):
+        if "127.0.0.1" in cfg.get(key, "127.0.0.1") or "localhost" in cfg.get(key, ""):
+            problems.append(
+                f"{object_name(deployment)}: {key} binds loopback in the pod; probes "
+                "and the Service cannot reach it (set TS_ env or config.properties)"
+            )
+    if cfg.get("grpc_inference_address", "127.0.0.1") in ("127.0.0.1", "localhost"):
+        problems.append(f"{object_name(deployment)}: grpc_inference_address binds loopback")
+    return problems
+
+
+def check_probes_and_auth(deployment: dict, cfg: dict[str, str]) -> list[str]:
+    container = torchserve_container(deployment)
+    name = object_name(deployment)
+    problems = []
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        spec = container.get(probe)
+        if not spec:
+            problems.append(f"{name}: torchserve has no {probe}")
+            continue
+        http = spec.get("httpGet")
+        if http and (http.get("path") != "/ping" or http.get("port") != "http"):
+            problems.append(f"{name}: {probe} should GET /ping on port http, got {http}")
+        if http and cfg.get("disable_token_authorization", "false").lower() != "true":
+            problems.append(
+                f"{name}: {probe} is an HTTP probe but token auth is on: /ping would "
+                "answer 401 (pass --disable-token-auth, see k8s/README.md)"
+            )
+    return problems
+
+
+def _prestop_arg(container: dict, flag: str) -> float | None:
+    cmd = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+    return float(cmd[cmd.index(flag) + 1]) if flag in cmd else None
+
+
+def check_termination(deployment: dict, cfg: dict[str, str], response_timeout_s: int) -> list[str]:
+    """Grace period >= preStop budget; preStop waits at least the response timeout."""
+    name = object_name(deployment)
+    container = torchserve_container(deployment)
+    settle = _prestop_arg(container, "--settle-seconds")
+    timeout = _prestop_arg(container, "--timeout-seconds")
+    if settle is None or timeout is None:
+        return [
+            f"{name}: torchserve preStop must run drain.py with --settle-seconds/--timeout-seconds"
+        ]
+    grace = deployment["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+    needed = max(response_timeout_s, int(cfg.get("default_response_timeout", 0)))
+    problems = []
+    if timeout - settle < needed:
+        problems.append(
+            f"{name}: preStop drains {timeout - settle:.0f} s after settling, less "
+            f"than the response timeout {needed} s: in-flight requests get cut"
+        )
+    if grace < timeout + 5:
+        problems.append(
+            f"{name}: terminationGracePeriodSeconds {grace} < preStop timeout "
+            f"{timeout:.0f} s + 5: the kubelet would kill the pod mid-drain"
+        )
+    return problems
+
+
+def check_file_layout(deployment: dict, props: dict[str, str]) -> list[str]:
+    """config.properties' relative paths resolve to mounted files in the pod's working dir."""
+    name = object_name(deployment)
+    container = torchserve_container(deployment)
+    workdir = container.get("workingDir", "/")
+    mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+
+    def resolve(p: str) -> str:
+        return posixpath.normpath(posixpath.join(workdir, p))
+
+    problems = []
+    args = container.get("args", [])
+    ts_config = args[args.index("--ts-config") + 1] if "--ts-config" in args else None
+    wanted = {
+        "--ts-config": (ts_config, "config.properties"),
+        "metrics_config": (props.get("metrics_config"), "metrics.yaml"),
+    }
+    for key, (path, sub) in wanted.items():
+        m = mounts.get(resolve(path)) if path else None
+        if not m or m.get("subPath") != sub:
+            problems.append(
+                f"{name}: {key}={path} resolves to {resolve(path or '')}, where no "
+                f"ConfigMap key {sub} is mounted"
+            )
+    store = resolve(props.get("model_store", "model_store"))
+    if store not in mounts:
+        problems.append(f"{name}: model_store resolves to {store}, which is not a mounted volume")
+    return problems
+
+
+def check_security(deployment: dict) -> list[str]:
+    """Non-root, read-only root, no escalation, no capabilities, seccomp; writable = emptyDir."""
+    name = object_name(deployment)
+    pod = deployment["spec"]["template"]["spec"]
+    problems = []
+    psc = pod.get("securityContext", {})
+    if not psc.get("runAsNonRoot"):
+        problems.append(f"{name}: securityContext.runAsNonRoot must be true")
+    if psc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+        problems.append(f"{name}: securityContext.seccompProfile.type must be RuntimeDefault")
+    empty_dirs = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        sc = c.get("securityContext", {})
+        where = f"{name}: container {c['name']}"
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{where}: allowPrivilegeEscalation must be false")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{where}: readOnlyRootFilesystem must be true")
+        if sc.get("capabilities", {}).get("drop") != ["ALL"]:
+            problems.append(f"{where}: capabilities.drop must be [ALL]")
+        for m in c.get("volumeMounts", []):
+            if not m.get("readOnly") and m["name"] not in empty_dirs:
+                problems.append(f"{where}: writable mount {m['mountPath']} is not an emptyDir")
+    return problems
+
+
+def referenced_metrics(objects: list[dict], adapter: dict, dashboard: dict) -> dict[str, set[str]]:
+    """``{where: metric names}`` read by alerts, the adapter rules and the dashboard."""
+    refs: dict[str, set[str]] = {}
+    for obj in (o for o in objects if o["kind"] == "PrometheusRule"):
+        for group in obj["spec"]["groups"]:
+            for rule in group["rules"]:
+                where = f"{object_name(obj)} {rule.get('alert') or rule.get('record')}"
+                refs[where] = metric_names(str(rule["expr"]))
+    for i, rule in enumerate(adapter.get("rules", {}).get("custom", [])):
+        expr = adapter_query_to_promql(rule["metricsQuery"])
+        refs[f"prometheus-adapter rule {i}"] = metric_names(expr)
+    for panel in dashboard.get("panels", []):
+        for target in panel.get("targets", []):
+            refs[f"dashboard panel {panel['title']!r}"] = metric_names(
+                grafana_to_promql(target["expr"])
+            )
+    return refs
+
+
+def check_metric_names(
+    refs: dict[str, set[str]], exported: set[str], recorded: set[str]
+) -> list[str]:
+    """Every referenced name is exported by TorchServe, recorded by a rule, or from KSM."""
+    known = exported | recorded | KUBE_STATE_METRICS
+    return [
+        f"{where}: reads {sorted(names - known)}, which neither handler/metrics.yaml nor "
+        "TorchServe exports (misspelt, or missing from the metrics YAML)"
+        for where, names in refs.items()
+        if names - known
+    ]
+
+
+def check_hpa_adapter(objects: list[dict], adapter: dict) -> list[str]:
+    served = {r["name"]["as"] for r in adapter.get("rules", {}).get("custom", [])}
+    problems = []
+    for hpa in (o for o in objects if o["kind"] == "HorizontalPodAutoscaler"):
+        for metric in hpa["spec"].get("metrics", []):
+            if metric["type"] in ("Pods", "Object"):
+                name = metric[metric["type"].lower()]["metric"]["name"]
+                if name not in served:
+                    problems.append(
+                        f"{object_name(hpa)}: metric {name} is not served by the "
+                        f"prometheus-adapter rules (they serve {sorted(served)})"
+                    )
+        if (
+            not hpa["spec"]
+            .get("behavior", {})
+            .get("scaleDown", {})
+            .get("stabilizationWindowSeconds")
+        ):
+            problems.append(
+                f"{object_name(hpa)}: set behavior.scaleDown.stabilizationWindowSeconds"
+            )
+    for rule in adapter.get("rules", {}).get("custom", []):
+        if "rate(" not in rule["metricsQuery"]:
+            problems.append(
+                "prometheus-adapter rule: TorchServe latency metrics are cumulative "
+                f"counters; {rule['name']['as']} must take a rate()"
+            )
+    return problems
+
+
+def load_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def load_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())

@@ -1,0 +1,259 @@
+"""Turn Locust's CSV output into an SLO verdict: per-protocol latency, throughput, error rate.
+
+Inputs are the files ``locust --csv PREFIX --csv-full-history`` writes: ``PREFIX_stats.csv``
+(whole-run totals per request name) and ``PREFIX_stats_history.csv`` (one row per second).
+Requests of type ``grpc`` are the gRPC protocol; every other type (``POST``) is REST.
+
+Default SLO (interactive use, one image per request): p95 latency <= 300 ms and error rate
+<= 1 %, checked for each protocol *and* the total. Locust stores latencies in buckets (2
+significant digits above 100 ms), so a p95 of 296 ms may be reported as 300.
+
+Example:
+    >>> s = Summary("rest", requests=200, failures=1, p50_ms=40, p95_ms=90, p99_ms=120,
+    ...             rps=20.0, avg_bytes=900)
+    >>> [c.passed for c in check_slo({"rest": s}, Slo(p95_ms=300, error_rate=0.01))]
+    [True, True]
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+GRPC_TYPE = "grpc"
+TOTAL = "total"
+
+
+class ReportError(ValueError):
+    """Locust's CSV is missing or not what this module expects."""
+
+
+@dataclass(frozen=True)
+class Slo:
+    """The service-level objective a run must meet."""
+
+    p95_ms: float = 300.0
+    error_rate: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.p95_ms <= 0:
+            raise ValueError(f"--slo-p95-ms must be > 0, got {self.p95_ms}")
+        if not 0.0 <= self.error_rate <= 1.0:
+            raise ValueError(f"--slo-error-rate must be in [0, 1], got {self.error_rate}")
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Whole-run figures for one protocol (or the total)."""
+
+    protocol: str
+    requests: int
+    failures: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    rps: float
+    avg_bytes: float
+
+    @property
+    def error_rate(self) -> float:
+        return self.failures / self.requests if self.requests else 0.0
+
+
+@dataclass(frozen=True)
+class Check:
+    scope: str
+    metric: str
+    value: float
+    limit: float
+    passed: bool
+
+
+def protocol_of(request_type: str) -> str:
+    return "grpc" if request_type == GRPC_TYPE else "rest"
+
+
+def _num(row: dict[str, str], key: str) -> float:
+    """A CSV number; Locust writes ``N/A`` for a percentile it has no sample for."""
+    if key not in row:
+        raise ReportError(f"Locust CSV lacks column {key!r} (columns: {sorted(row)})")
+    value = row[key].strip()
+    return math.nan if value in ("", "N/A") else float(value)
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise ReportError(f"{path} does not exist: did Locust run with --csv?")
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _summary(protocol: str, rows: list[dict[str, str]]) -> Summary:
+    """Combine rows; with several names per protocol, percentiles take the worst (upper bound)."""
+    requests = sum(int(_num(r, "Request Count")) for r in rows)
+    return Summary(
+        protocol=protocol,
+        requests=requests,
+        failures=sum(int(_num(r, "Failure Count")) for r in rows),
+        p50_ms=max(_num(r, "50%") for r in rows),
+        p95_ms=max(_num(r, "95%") for r in rows),
+        p99_ms=max(_num(r, "99%") for r in rows),
+        rps=sum(_num(r, "Requests/s") for r in rows),
+        avg_bytes=sum(_num(r, "Average Content Size") * int(_num(r, "Request Count")) for r in rows)
+        / max(requests, 1),
+    )
+
+
+def summarise(stats_csv: Path) -> dict[str, Summary]:
+    """``{"rest": ..., "grpc": ..., "total": ...}`` from ``PREFIX_stats.csv`` (protocols seen)."""
+    rows = read_rows(stats_csv)
+    if not rows:
+        raise ReportError(f"{stats_csv} has no rows: Locust stopped before any request")
+    total = [r for r in rows if r.get("Name") == "Aggregated"]
+    if not total:
+        raise ReportError(f"{stats_csv} has no 'Aggregated' row: not a Locust stats CSV")
+    out: dict[str, Summary] = {}
+    for protocol in ("rest", "grpc"):
+        mine = [
+            r for r in rows if r.get("Name") != "Aggregated" and protocol_of(r["Type"]) == protocol
+        ]
+        if mine:
+            out[protocol] = _summary(protocol, mine)
+    out[TOTAL] = _summary(TOTAL, total)
+    return out
+
+
+def check_slo(summaries: dict[str, Summary], slo: Slo) -> list[Check]:
+    """One p95 check and one error-rate check per scope; no requests at all fails."""
+    checks = []
+    for scope, s in summaries.items():
+        if s.requests == 0:
+            checks.append(Check(scope, "requests", 0, 1, False))
+            continue
+        p95_ok = not math.isnan(s.p95_ms) and s.p95_ms <= slo.p95_ms
+        checks.append(Check(scope, "p95_ms", s.p95_ms, slo.p95_ms, p95_ok))
+        checks.append(
+            Check(scope, "error_rate", s.error_rate, slo.error_rate, s.error_rate <= slo.error_rate)
+        )
+    return checks
+
+
+def read_history(history_csv: Path) -> dict[str, dict[str, list[float]]]:
+    """Per scope: seconds since start, current req/s, current p50/p95 (ms) and user count."""
+    rows = read_rows(history_csv)
+    if not rows:
+        raise ReportError(f"{history_csv} has no rows: the run was too short to sample")
+    t0 = min(int(r["Timestamp"]) for r in rows)
+    series: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        scope = TOTAL if r["Name"] == "Aggregated" else protocol_of(r["Type"])
+        s = series.setdefault(scope, {k: [] for k in ("t", "rps", "p50", "p95", "users")})
+        s["t"].append(int(r["Timestamp"]) - t0)
+        s["rps"].append(_num(r, "Requests/s"))
+        s["p50"].append(_num(r, "50%"))
+        s["p95"].append(_num(r, "95%"))
+        s["users"].append(_num(r, "User Count"))
+    return series
+
+
+def plot_history(series: dict[str, dict[str, list[float]]], slo: Slo, png: Path) -> Path:
+    """Two panels over time: p50/p95 latency with the SLO line, and throughput."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (lat, thr) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    colours = {"rest": "tab:blue", "grpc": "tab:orange", TOTAL: "tab:gray"}
+    for scope, s in sorted(series.items()):
+        colour = colours.get(scope)
+        lat.plot(s["t"], s["p95"], color=colour, label=f"{scope} p95")
+        lat.plot(s["t"], s["p50"], color=colour, linestyle=":", label=f"{scope} p50")
+        thr.plot(s["t"], s["rps"], color=colour, label=scope)
+    lat.axhline(slo.p95_ms, color="red", linestyle="--", label=f"SLO p95 {slo.p95_ms:g} ms")
+    lat.set_ylabel("latency (ms, rolling)")
+    lat.legend(fontsize=7, ncol=3)
+    thr.set_ylabel("requests / s")
+    thr.set_xlabel("seconds since start")
+    thr.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def render_markdown(
+    summaries: dict[str, Summary], checks: list[Check], slo: Slo, meta: dict[str, Any]
+) -> str:
+    passed = all(c.passed for c in checks)
+    lines = [
+        "# segserve load test",
+        "",
+        f"**SLO {'MET' if passed else 'MISSED'}**: p95 <= {slo.p95_ms:g} ms and error rate <= "
+        f"{slo.error_rate:.2%}, for each protocol and in total.",
+        "",
+        *(f"- {k}: {v}" for k, v in meta.items()),
+        "",
+        "| scope | requests | failures | error rate | p50 ms | p95 ms | p99 ms | req/s | bytes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in summaries.values():
+        lines.append(
+            f"| {s.protocol} | {s.requests} | {s.failures} | {s.error_rate:.2%} | {s.p50_ms:g} | "
+            f"{s.p95_ms:g} | {s.p99_ms:g} | {s.rps:.2f} | {s.avg_bytes:.0f} |"
+        )
+    lines += ["", "| scope | check | value | limit | result |", "|---|---|---:|---:|---|"]
+    for c in checks:
+        lines.append(
+            f"| {c.scope} | {c.metric} | {c.value:g} | {c.limit:g} | "
+            f"{'pass' if c.passed else 'FAIL'} |"
+        )
+    lines += ["", "![latency and throughput over time](latency_throughput.png)", ""]
+    return "\n".join(lines)
+
+
+def _finite(record: dict[str, Any]) -> dict[str, Any]:
+    """NaN (no sample) becomes null: strict JSON has no NaN."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}
+
+
+@dataclass(frozen=True)
+class Report:
+    summaries: dict[str, Summary]
+    checks: list[Check]
+    markdown: Path
+    json: Path
+    plot: Path | None
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+
+def write_report(csv_prefix: Path, out_dir: Path, slo: Slo, meta: dict[str, Any]) -> Report:
+    """Read ``csv_prefix``'s stats, write ``report.md``, ``report.json`` and the PNG."""
+    import json
+
+    summaries = summarise(Path(f"{csv_prefix}_stats.csv"))
+    checks = check_slo(summaries, slo)
+    history = Path(f"{csv_prefix}_stats_history.csv")
+    plot = None
+    if history.is_file() and read_rows(history):
+        plot = plot_history(read_history(history), slo, out_dir / "latency_throughput.png")
+    md = out_dir / "report.md"
+    md.write_text(render_markdown(summaries, checks, slo, meta))
+    js = out_dir / "report.json"
+    payload = {
+        "slo": asdict(slo),
+        "passed": all(c.passed for c in checks),
+        "summaries": {
+            k: _finite({**asdict(v), "error_rate": v.error_rate}) for k, v in summaries.items()
+        },
+        "checks": [_finite(asdict(c)) for c in checks],
+        "meta": meta,
+    }
+    js.write_text(json.dumps(payload, indent=2, default=str, allow_nan=False) + "\n")
+    return Report(summaries, checks, md, js, plot)

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.synthetic import (
+    CLASS_NAMES,
+    PALETTE,
+    VAL_INDEX_OFFSET,
+    generate_scene,
+    scene_index,
+    write_samples,
+)
+
+
+def test_names_and_palette_are_consistent():
+    assert 5 <= len(CLASS_NAMES) <= 8
+    assert CLASS_NAMES[0] == "background"
+    assert len(PALETTE) == len(CLASS_NAMES)
+    assert len(set(PALETTE)) == len(PALETTE)
+    assert all(len(c) == 3 and all(0 <= v <= 255 for v in c) for c in PALETTE)
+
+
+def test_scene_shapes_and_dtypes_for_non_square_size():
+    rgb, mask = generate_scene(0, 0, (48, 80))
+    assert rgb.shape == (48, 80, 3) and rgb.dtype == np.uint8
+    assert mask.shape == (48, 80) and mask.dtype == np.uint8
+    assert int(mask.max()) < len(CLASS_NAMES)
+
+
+def test_same_seed_and_index_give_identical_arrays_in_any_order():
+    forward = [generate_scene(3, i, (64, 64)) for i in range(4)]
+    backward = [generate_scene(3, i, (64, 64)) for i in reversed(range(4))][::-1]
+    for (a_rgb, a_mask), (b_rgb, b_mask) in zip(forward, backward, strict=True):
+        np.testing.assert_array_equal(a_rgb, b_rgb)
+        np.testing.assert_array_equal(a_mask, b_mask)
+
+
+def test_different_index_or_seed_changes_the_scene():
+    base_rgb, base_mask = generate_scene(0, 0, (64, 64))
+    other_index, _ = generate_scene(0, 1, (64, 64))
+    other_seed, _ = generate_scene(1, 0, (64, 64))
+    assert not np.array_equal(base_rgb, other_index)
+    assert not np.array_equal(base_rgb, other_seed)
+
+
+def test_every_class_appears_and_foreground_is_substantial():
+    counts = np.zeros(len(CLASS_NAMES), dtype=np.int64)
+    for i in range(40):
+        _, mask = generate_scene(0, i, (64, 64))
+        counts += np.bincount(mask.ravel(), minlength=len(CLASS_NAMES))
+    fractions = counts / counts.sum()
+    assert (fractions > 0.01).all(), fractions
+    assert fractions[0] < 0.9, "background must not swamp the objects"
+
+
+def test_class_colour_alone_does_not_identify_the_class():
+    """Objects get random colours: the mean colour of a class varies widely across scenes."""
+    means = []
+    for i in range(30):
+        rgb, mask = generate_scene(0, i, (64, 64))
+        if (mask == 1).sum() > 20:
+            means.append(rgb[mask == 1].mean(axis=0))
+    assert len(means) >= 5
+    assert np.std(np.array(means), axis=0).mean() > 30
+
+
+def test_most_scenes_hold_several_classes():
+    several = 0
+    for i in range(20):
+        _, mask = generate_scene(0, i, (64, 64))
+        several += len(np.unique(mask)) >= 3
+    assert several >= 14
+
+
+def test_scene_index_makes_train_and_val_disjoint():
+    assert scene_index("train", 0) == 0
+    assert scene_index("val", 0) == VAL_INDEX_OFFSET
+    train = {scene_index("train", i) for i in range(1000)}
+    val = {scene_index("val", i) for i in range(1000)}
+    assert not train & val
+    with pytest.raises(ValueError, match="not one of"):
+        scene_index("test", 0)
+    with pytest.raises(ValueError, match="must be in"):
+        scene_index("train", VAL_INDEX_OFFSET)
+
+
+@pytest.mark.parametrize("size", [(8, 64), (64, 4)])
+def test_too_small_size_is_refused(size):
+    with pytest.raises(ValueError, match="too small"):
+        generate_scene(0, 0, size)
+
+
+def test_write_samples_writes_readable_pngs_equal_to_generated(tmp_path):
+    paths = write_samples(tmp_path / "out", 3, seed=2, size=(32, 48), split="val", with_masks=True)
+    assert [p.name for p in paths] == ["val_0000.png", "val_0001.png", "val_0002.png"]
+    for i, path in enumerate(paths):
+        rgb, mask = generate_scene(2, scene_index("val", i), (32, 48))
+        with Image.open(path) as img:
+            assert img.mode == "RGB"
+            np.testing.assert_array_equal(np.asarray(img), rgb)
+        with Image.open(tmp_path / "out" / "masks" / path.name) as img:
+            assert img.mode == "P"
+            np.testing.assert_array_equal(np.asarray(img), mask)
+            assert img.getpalette()[:6] == [*PALETTE[0], *PALETTE[1]]
+
+
+def test_write_samples_without_masks_writes_only_images(tmp_path):
+    paths = write_samples(tmp_path, 2, seed=0, size=(32, 32), split="train")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_0000.png", "train_0001.png"]
+    rgb, _ = generate_scene(0, scene_index("train", 1), (32, 32))
+    np.testing.assert_array_equal(np.asarray(Image.open(paths[1])), rgb)

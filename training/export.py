@@ -1,0 +1,419 @@
+"""Export a trained checkpoint for serving: TorchScript (+ optional ONNX) with an enforced parity
+check on real validation images. Every format-specific line lives in this module, so moving
+from TorchScript (deprecated upstream) to ``torch.export`` touches nothing else.
+
+What is written to ``run_dir/export/``:
+
+* ``model.pt`` — traced (``export.method: trace``, the default) or scripted, in eval mode,
+  ``torch.jit.freeze``-d, with the metadata embedded as ``_extra_files["metadata.json"]``.
+* ``metadata.json`` — the same metadata (docs/architecture.md), including the ``export``
+  section with the parity figures.
+* ``model.onnx`` — only with ``onnx=True`` / ``export.onnx: true``; dynamic batch, H and W.
+
+Input-size rule: the exported model takes any ``(N, 3, H, W)`` float batch with H and W
+multiples of 32 (``preprocess.size_divisor``); ``handler.preprocessing.collate`` pads to that.
+A traced smp model fed other sizes silently returns a wrong-sized map.
+
+Parity: eager and exported logits are compared on validation images passed through the
+serving preprocessing, at the traced size and at ``export.parity_sizes`` plus a non-square
+size, each with batch 1 and batch 2. The export fails (:class:`ParityError`) when the max
+absolute logit difference exceeds ``export.parity_atol`` or any argmax pixel differs.
+
+Example:
+    >>> report = export_run(Path("runs/default"))  # doctest: +SKIP
+    >>> report["parity"]["argmax_equal"]  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from handler.metadata import MetadataError, parse_metadata
+from handler.preprocessing import PreprocessSpec, prepare_image, rgb_array_to_tensor
+from training.metrics import jsonable
+
+MODEL_FILE = "model.pt"
+METADATA_FILE = "metadata.json"
+ONNX_FILE = "model.onnx"
+PARITY_BATCH_SIZES = (1, 2)
+# torch 2.15 marks every torch.jit entry point deprecated with this FutureWarning; we know.
+_JIT_DEPRECATION = r"`torch\.jit\.\w+` is deprecated"
+
+Model = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported or the export is unusable; the message says why."""
+
+
+class ParityError(ExportError):
+    """The exported model's outputs differ from the eager model's."""
+
+
+@contextlib.contextmanager
+def quiet_torchscript() -> Iterator[None]:
+    """Silence only torch's "torch.jit.* is deprecated" warnings, nothing else."""
+    with warnings.catch_warnings():
+        for category in (FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", message=_JIT_DEPRECATION, category=category)
+        yield
+
+
+# --- TorchScript --------------------------------------------------------------------------------
+
+
+def to_torchscript(
+    model: torch.nn.Module, example: torch.Tensor, method: str = "trace"
+) -> tuple[torch.jit.ScriptModule, list[str]]:
+    """Trace or script ``model`` in eval mode and freeze it; returns (module, tracer warnings).
+
+    Tracer warnings (Python values frozen into the graph) are returned, not printed: the
+    parity check at several sizes is what decides whether the trace generalises.
+
+    Example:
+        >>> net = torch.nn.Conv2d(3, 2, 1)
+        >>> module, _ = to_torchscript(net, torch.zeros(1, 3, 32, 32))
+        >>> module(torch.zeros(1, 3, 64, 32)).shape
+        torch.Size([1, 2, 64, 32])
+    """
+    if method not in ("trace", "script"):
+        raise ExportError(f"export.method: {method!r} is not one of ['trace', 'script']")
+    model = model.eval()
+    with quiet_torchscript(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", torch.jit.TracerWarning)
+        try:
+            with torch.no_grad():
+                if method == "trace":
+                    module = torch.jit.trace(model, example, check_trace=False)
+                else:
+                    module = torch.jit.script(model)
+                frozen = torch.jit.freeze(module.eval())
+        except Exception as exc:  # TorchScript raises many types; all mean "cannot export"
+            hint = "try export.method=script" if method == "trace" else "try export.method=trace"
+            raise ExportError(
+                f"torch.jit.{method} failed for {type(model).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; {hint}"
+            ) from exc
+    is_tracer = [issubclass(w.category, torch.jit.TracerWarning) for w in caught]
+    for w, tracer_warning in zip(caught, is_tracer, strict=True):
+        if not tracer_warning:  # anything else was not ours to swallow
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    tracer = sorted({str(w.message) for w, t in zip(caught, is_tracer, strict=True) if t})
+    return frozen, tracer
+
+
+def save_torchscript(module: torch.jit.ScriptModule, path: Path, metadata_json: str) -> None:
+    """Write atomically (temp file + rename), with the metadata embedded."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with quiet_torchscript():
+            torch.jit.save(module, str(tmp), _extra_files={METADATA_FILE: metadata_json})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_torchscript(path: Path, device: str = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
+    """Load ``model.pt`` → (module in eval mode, embedded metadata dict; {} if none)."""
+    extra = {METADATA_FILE: ""}
+    try:
+        with quiet_torchscript():
+            module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise ExportError(
+            f"{path}: not a loadable TorchScript model ({str(exc).splitlines()[0]}); "
+            "re-run the export (`make export`)"
+        ) from None
+    raw = extra[METADATA_FILE]
+    try:
+        embedded = json.loads(raw) if raw else {}
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{path}: embedded metadata.json is not JSON ({exc})") from None
+    return module.eval(), embedded
+
+
+def load_exported(export_dir: Path, device: str = "cpu") -> tuple[Model, dict]:
+    """The exported model and its metadata; ``metadata.json`` must match the embedded copy."""
+    model_path, meta_path = export_dir / MODEL_FILE, export_dir / METADATA_FILE
+    if not model_path.is_file():
+        raise ExportError(f"{model_path} not found: export the model first (`make export`)")
+    module, embedded = load_torchscript(model_path, device)
+    if meta_path.is_file():
+        try:
+            beside = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ExportError(f"{meta_path}: not readable JSON ({exc})") from None
+        if embedded and beside != embedded:
+            raise ExportError(
+                f"{meta_path} differs from the metadata embedded in {model_path}: the files "
+                "come from different exports; re-run the export"
+            )
+        return module, beside
+    if not embedded:
+        raise ExportError(f"{meta_path} not found and {model_path} embeds no metadata")
+    return module, embedded
+
+
+# --- ONNX ---------------------------------------------------------------------------------------
+
+
+def to_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    """``torch.onnx.export`` (the torch.export-based exporter) with dynamic batch, H and W."""
+    try:
+        import onnxscript  # noqa: F401  (the exporter needs it; fail with the fix, not deep inside)
+    except ImportError:
+        raise ExportError("ONNX export needs onnxscript: pip install onnxscript") from None
+    batch = torch.export.Dim("batch", min=1)
+    h, w = torch.export.Dim("h32", min=1), torch.export.Dim("w32", min=1)
+    divisor = 32
+    try:
+        torch.onnx.export(
+            model.eval(),
+            (example,),
+            str(path),
+            dynamo=True,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_shapes=({0: batch, 2: divisor * h, 3: divisor * w},),
+            external_data=False,
+            verbose=False,
+        )
+    except Exception as exc:  # the exporter raises many types; all mean "cannot export"
+        raise ExportError(
+            f"ONNX export failed for {type(model).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from exc
+
+
+def onnx_runner(path: Path) -> Model:
+    """An onnxruntime CPU session wrapped as ``Tensor -> Tensor``."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError("ONNX parity needs onnxruntime: pip install onnxruntime") from None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        try:
+            (out,) = session.run(["logits"], {"input": x.detach().cpu().numpy()})
+        except Exception as exc:  # onnxruntime's own error types
+            raise ParityError(
+                f"ONNX model fails on input {tuple(x.shape)}: {str(exc).splitlines()[0]}"
+            ) from None
+        return torch.from_numpy(out)
+
+    return run
+
+
+# --- parity -------------------------------------------------------------------------------------
+
+
+def parity_sizes(input_size: tuple[int, int], extra: Sequence[Sequence[int]]) -> list[list[int]]:
+    """The traced size, the recipe's extra sizes, and a non-square size if none is given.
+
+    Example:
+        >>> parity_sizes((128, 128), [])
+        [[128, 128], [64, 128]]
+    """
+    sizes = [list(input_size)] + [list(s) for s in extra]
+    if all(h == w for h, w in sizes):
+        h, w = input_size
+        sizes.append([max(32, h // 2 // 32 * 32), w] if h >= 64 else [h, w + 32])
+    unique: list[list[int]] = []
+    for size in sizes:
+        if size[0] % 32 or size[1] % 32:
+            raise ExportError(f"parity size {size} is not a multiple of 32 (the input-size rule)")
+        if size not in unique:
+            unique.append(size)
+    return unique
+
+
+def parity_batches(
+    images: Sequence[np.ndarray], spec: PreprocessSpec, sizes: Sequence[Sequence[int]]
+) -> list[torch.Tensor]:
+    """Real images through the serving preprocessing, resized to each size, batch 1 and 2."""
+    if not images:
+        raise ExportError("parity needs at least one validation image; the val split is empty")
+    batches = []
+    for size in sizes:
+        at_size = PreprocessSpec(
+            input_size=(int(size[0]), int(size[1])),
+            resize_policy="resize",
+            size_divisor=spec.size_divisor,
+            mean=spec.mean,
+            std=spec.std,
+        )
+        prepared = [prepare_image(rgb_array_to_tensor(rgb), at_size)[0] for rgb in images]
+        for n in PARITY_BATCH_SIZES:
+            batches.append(torch.stack([prepared[i % len(prepared)] for i in range(n)]))
+    return batches
+
+
+@torch.no_grad()
+def check_parity(
+    reference: Model, candidate: Model, batches: Sequence[torch.Tensor], atol: float, what: str
+) -> dict[str, Any]:
+    """Compare logits batch by batch; raise :class:`ParityError` on the first failure.
+
+    Example:
+        >>> net = torch.nn.Conv2d(3, 2, 1).eval()
+        >>> check_parity(net, net, [torch.ones(1, 3, 32, 32)], 1e-6, "same")["argmax_equal"]
+        parity same input (1, 3, 32, 32): max |logit diff| 0, argmax diff 0
+        True
+    """
+    worst = 0.0
+    for x in batches:
+        expected, got = reference(x), candidate(x)
+        shape = tuple(x.shape)
+        if got.shape != expected.shape:
+            raise ParityError(
+                f"{what}: output shape {tuple(got.shape)} != eager {tuple(expected.shape)} "
+                f"for input {shape}"
+            )
+        diff = float((got.float() - expected.float()).abs().max())
+        differing = int((got.argmax(1) != expected.argmax(1)).sum())
+        print(f"parity {what} input {shape}: max |logit diff| {diff:.3g}, argmax diff {differing}")
+        if not diff <= atol:  # also catches NaN
+            raise ParityError(
+                f"{what}: max |logit diff| {diff:.3g} > export.parity_atol {atol:g} for input "
+                f"{shape}; the export does not reproduce the model at this size "
+                "(try export.method=script, or check the model for size-dependent Python code)"
+            )
+        if differing:
+            raise ParityError(
+                f"{what}: argmax differs on {differing} pixels for input {shape} although "
+                f"max |logit diff| is {diff:.3g}; the served masks would differ"
+            )
+        worst = max(worst, diff)
+    sizes = sorted({(int(x.shape[2]), int(x.shape[3])) for x in batches})
+    return {
+        "max_abs_logit_diff": worst,
+        "argmax_equal": True,
+        "atol": atol,
+        "sizes": [list(s) for s in sizes],
+        "batch_sizes": sorted({int(x.shape[0]) for x in batches}),
+    }
+
+
+# --- the whole export ---------------------------------------------------------------------------
+
+
+def export_model(
+    model: torch.nn.Module,
+    metadata: dict,
+    images: Sequence[np.ndarray],
+    export_dir: Path,
+    method: str = "trace",
+    parity_atol: float = 1e-4,
+    extra_sizes: Sequence[Sequence[int]] = (),
+    onnx: bool = False,
+) -> dict[str, Any]:
+    """Export an eager model with its metadata (everything but ``export``) into ``export_dir``.
+
+    ``images`` are real RGB uint8 validation images for the parity check. Returns the report
+    (paths, parity figures, tracer warnings); nothing is written if parity fails.
+    """
+    model = model.cpu().eval()
+    spec = PreprocessSpec.from_dict(metadata["preprocess"])
+    batches = parity_batches(images, spec, parity_sizes(spec.input_size, extra_sizes))
+    module, tracer_warnings = to_torchscript(model, batches[0], method)
+    parity = check_parity(model, module, batches, parity_atol, f"torchscript ({method})")
+    export_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"tracer_warnings": tracer_warnings, "onnx_path": None}
+    onnx_section = None
+    if onnx:
+        onnx_path = export_dir / ONNX_FILE
+        to_onnx(model, batches[1], onnx_path)  # batch 2: a batch of 1 would be specialised
+        onnx_parity = check_parity(model, onnx_runner(onnx_path), batches, parity_atol, "onnx")
+        onnx_section = {"file": ONNX_FILE, "parity": onnx_parity}
+        report["onnx_path"] = str(onnx_path)
+    full = dict(metadata)
+    full.setdefault("serving", {"cuda_half": False, "cuda_channels_last": False})
+    full["export"] = {
+        "format": "torchscript",
+        "method": method,
+        "torch_version": torch.__version__.split("+")[0],
+        "parity": parity,
+        "onnx": onnx_section,
+    }
+    full = jsonable(full)
+    try:
+        parse_metadata(full)
+    except MetadataError as exc:
+        raise ExportError(f"the checkpoint's metadata is not servable: {exc}") from None
+    text = json.dumps(full, indent=2)
+    save_torchscript(module, export_dir / MODEL_FILE, text)
+    (export_dir / METADATA_FILE).write_text(text + "\n", encoding="utf-8")
+    report.update(
+        model_path=str(export_dir / MODEL_FILE),
+        metadata_path=str(export_dir / METADATA_FILE),
+        parity=parity,
+        onnx_parity=onnx_section["parity"] if onnx_section else None,
+        metadata=full,
+    )
+    return report
+
+
+def _eval_metrics(run_dir: Path, checkpoint: Path) -> dict | None:
+    """``eval/metrics.json`` when it was computed from this very checkpoint (adds boundary F1)."""
+    path = run_dir / "eval" / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    same = Path(str(data.get("checkpoint", ""))).resolve() == checkpoint.resolve()
+    return data if same else None
+
+
+def export_run(
+    run_dir: Path, checkpoint: Path | None = None, onnx: bool | None = None
+) -> dict[str, Any]:
+    """Export ``run_dir``'s checkpoint (default ``checkpoints/best.pt``) to ``run_dir/export``.
+
+    Example:
+        >>> export_run(Path("runs/default"), onnx=False)["model_path"]  # doctest: +SKIP
+        'runs/default/export/model.pt'
+    """
+    from training.checkpoint import load_checkpoint
+    from training.config import recipe_from_dict
+    from training.datasets import build_dataset
+    from training.metadata import metrics_summary
+    from training.model import model_from_checkpoint
+
+    run_dir = Path(run_dir)
+    checkpoint = Path(checkpoint) if checkpoint else run_dir / "checkpoints" / "best.pt"
+    ckpt = load_checkpoint(checkpoint)
+    recipe = recipe_from_dict(ckpt["recipe"])
+    model = model_from_checkpoint(ckpt)
+    metadata = dict(ckpt["metadata"])
+    metadata["model_name"] = recipe.export.model_name
+    metadata["model_version"] = recipe.export.model_version
+    metadata["source_checkpoint"] = str(checkpoint)
+    evaluated = _eval_metrics(run_dir, checkpoint)
+    if evaluated:
+        metadata["metrics"] = metrics_summary(evaluated, list(metadata["class_names"]))
+    spec = PreprocessSpec.from_dict(metadata["preprocess"])
+    dataset = build_dataset(recipe.data, "val", spec, train=False)
+    images = [dataset.load_raw(i)[0] for i in range(min(2, len(dataset)))]
+    return export_model(
+        model,
+        metadata,
+        images,
+        run_dir / "export",
+        method=recipe.export.method,
+        parity_atol=recipe.export.parity_atol,
+        extra_sizes=recipe.export.parity_sizes,
+        onnx=recipe.export.onnx if onnx is None else onnx,
+    )
