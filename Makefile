@@ -11,8 +11,16 @@ MODEL_VERSION ?= 1.0
 BATCH_SIZE  ?= 8
 MAX_BATCH_DELAY ?= 10
 ARGS        ?=
+# make loadtest: the local `make serve` by default
+HOST        ?= http://127.0.0.1:8080
+GRPC_HOST   ?= 127.0.0.1:7070
+USERS       ?= 4
+SPAWN_RATE  ?= 2
+DURATION    ?= 30s
+SLO_P95_MS  ?= 300
+SLO_ERROR_RATE ?= 0.01
 
-.PHONY: help install train evaluate export archive serve stop predict demo test test-fast lint bench loadtest soak chaos k8s-validate clean
+.PHONY: help install train evaluate export archive serve stop predict demo test test-fast lint bench loadtest soak chaos k8s-tools k8s-validate k8s-deploy clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -20,7 +28,7 @@ help: ## list the targets
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) -m client.grpc_stubs
 	touch $@
 
@@ -54,6 +62,24 @@ test-fast: install ## run the tests that neither train for long nor start TorchS
 
 lint: install ## ruff check + format check
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+bench: install ## benchmark: TorchScript floor vs segserve (REST/gRPC, batching on/off) vs a naive FastAPI peer
+	$(PY) -m benchmarks.bench $(ARGS)
+
+loadtest: install ## Locust REST+gRPC load test + SLO report (HOST GRPC_HOST USERS SPAWN_RATE DURATION SLO_P95_MS)
+	$(PY) -m loadtest.run --host $(HOST) --grpc-host $(GRPC_HOST) --users $(USERS) \
+		--spawn-rate $(SPAWN_RATE) --duration $(DURATION) --slo-p95-ms $(SLO_P95_MS) \
+		--slo-error-rate $(SLO_ERROR_RATE) $(ARGS)
+
+k8s-tools: install ## fetch kubectl (+kustomize) and promtool into .tools/bin
+	$(PY) k8s/tools/toolchain.py
+
+k8s-validate: k8s-tools ## render every k8s overlay, validate it strictly, promtool check + test the alerts
+	$(PY) k8s/tools/validate.py
+
+OVERLAY ?= cpu
+k8s-deploy: k8s-tools ## deploy OVERLAY=cpu|gpu to the current kube context and smoke-test it
+	$(PY) k8s/tools/deploy.py --overlay $(OVERLAY) $(ARGS)
 
 clean: ## remove runs, archives and server logs (keeps .venv)
 	rm -rf runs logs model_archives/*.mar model_archives/*.manifest.json key_file.json

@@ -120,6 +120,8 @@ def machine() -> dict[str, object]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cuda": torch.cuda.is_available(),
+        # Other processes' load is not controlled: a busy machine makes every row slower.
+        "load average (1/5/15 min)": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
 
 

@@ -18,18 +18,22 @@ import argparse
 import base64
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from fastapi import FastAPI, File, UploadFile
 from PIL import Image
 
 
 def load(model_path: Path) -> tuple[Any, dict[str, Any]]:
     """The TorchScript module and the metadata embedded in it."""
     extra = {"metadata.json": ""}
-    model = torch.jit.load(str(model_path), map_location="cpu", _extra_files=extra).eval()
+    with warnings.catch_warnings():  # torch deprecates the TorchScript loader it still needs
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
+        model = torch.jit.load(str(model_path), map_location="cpu", _extra_files=extra).eval()
     meta = json.loads(extra["metadata.json"]) if extra["metadata.json"] else {}
     return model, meta
 
@@ -50,8 +54,6 @@ def segment(model: Any, meta: dict[str, Any], image_bytes: bytes) -> np.ndarray:
 
 
 def create_app(model_path: Path) -> Any:
-    from fastapi import FastAPI, File, UploadFile
-
     torch.set_num_threads(1)  # one request at a time per worker, like the TorchServe worker
     model, meta = load(model_path)
     app = FastAPI(title="naive segmentation peer")

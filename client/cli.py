@@ -8,8 +8,8 @@ Examples:
     python -m client predict images/ --protocol grpc --concurrency 8 --output mask
     python -m client predict images/ --protocol grpc --stream     # gRPC StreamPredictions
 
-The token comes from --token, else $SEGSERVE_TOKEN ($SEGSERVE_MANAGEMENT_TOKEN for models and
-describe), else --key-file (default ./key_file.json, written where TorchServe was started).
+The token comes from --token, else --key-file, else $SEGSERVE_TOKEN ($SEGSERVE_MANAGEMENT_TOKEN
+for models and describe), else ./key_file.json (TorchServe writes it where it was started).
 Exit status: 0 success, 1 a request failed, 2 bad arguments or configuration.
 """
 
@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     conn.add_argument("--grpc-management-target", default=DEFAULT_MANAGEMENT_TARGET)
     conn.add_argument("--model", default="segmenter", help="model name (default: segmenter)")
     conn.add_argument("--key-file", type=Path, help="TorchServe key_file.json")
-    conn.add_argument("--token", help="inference token (else $SEGSERVE_TOKEN / key file)")
-    conn.add_argument("--management-token", help="else $SEGSERVE_MANAGEMENT_TOKEN / key file")
+    conn.add_argument("--token", help="inference token (else key file / $SEGSERVE_TOKEN)")
+    conn.add_argument("--management-token", help="else key file / $SEGSERVE_MANAGEMENT_TOKEN")
     conn.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
     conn.add_argument("--retries", type=int, default=3, help="retries on 503/unreachable")
 

@@ -1,4 +1,4 @@
-"""Find the TorchServe API token: explicit value, then environment, then ``key_file.json``.
+"""Find the TorchServe API token: explicit value or key file, then environment, then default.
 
 TorchServe 0.12 enforces token authorisation by default and writes ``key_file.json`` in the
 directory it was started from::
@@ -13,7 +13,7 @@ Example:
     >>> _ = path.write_text(json.dumps({"inference": {"key": "abc"}, "management": {"key": "m"}}))
     >>> resolve_token("inference", key_file=path, environ={})
     'abc'
-    >>> resolve_token("management", key_file=path, environ={"SEGSERVE_MANAGEMENT_TOKEN": "env"})
+    >>> resolve_token("management", environ={"SEGSERVE_MANAGEMENT_TOKEN": "env"})
     'env'
 """
 
@@ -61,19 +61,19 @@ def resolve_token(
 ) -> str | None:
     """The token to send, or None when none is configured (server started without auth).
 
-    Order: ``token`` argument, then ``$SEGSERVE_TOKEN`` / ``$SEGSERVE_MANAGEMENT_TOKEN``, then the
-    given ``key_file``, then ``./key_file.json`` if it exists. An explicit key file that is
-    missing is an error; a missing default one is not.
+    Explicit beats implicit: the ``token`` argument, then the given ``key_file``, then
+    ``$SEGSERVE_TOKEN`` / ``$SEGSERVE_MANAGEMENT_TOKEN``, then ``./key_file.json`` if it exists.
+    An explicit key file that is missing is an error; a missing default one is not.
     """
     if kind not in TOKEN_KINDS:
         raise ConfigurationError(f"token kind {kind!r} is not one of {list(TOKEN_KINDS)}")
     if token:
         return token
+    if key_file is not None:
+        return read_key_file(Path(key_file), kind)
     env = os.environ if environ is None else environ
     if env.get(ENV_VARS[kind]):
         return env[ENV_VARS[kind]]
-    if key_file is not None:
-        return read_key_file(Path(key_file), kind)
     if DEFAULT_KEY_FILE.is_file():
         return read_key_file(DEFAULT_KEY_FILE, kind)
     return None

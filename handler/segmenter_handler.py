@@ -39,6 +39,7 @@ if os.path.isdir(os.path.join(_HERE, "handler")) and sys.path[:1] != [_HERE]:
 
 import torch  # noqa: E402
 from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
+from ts.utils.util import PredictionException  # noqa: E402
 
 from handler.errors import InputError  # noqa: E402
 from handler.imaging import decode_image  # noqa: E402
@@ -162,7 +163,23 @@ class SegmenterHandler(BaseHandler):
         ]
         batch = collate([x for x, _ in prepared], spec)
         preprocessed = time.perf_counter()
-        logits = self._forward(batch)
+        try:
+            logits = self._forward(batch)
+        except Exception as exc:
+            # A model bug is not overload: without this TorchServe answers 503 "Prediction
+            # failed", which clients retry and dashboards read as "busy". CUDA errors keep
+            # TorchServe's own mapping (507 Out of resources).
+            if "CUDA" in str(exc):
+                raise
+            logger.error("model forward failed on %s", tuple(batch.shape), exc_info=True)
+            # TorchScript puts its interpreter traceback first and the actual error last.
+            last_line = (str(exc).strip().splitlines() or [""])[-1][:300]
+            raise PredictionException(
+                f"model forward failed ({type(exc).__name__}: {last_line}); the model in "
+                f"archive {self.meta.model_name} v{self.meta.model_version} is broken, not the "
+                "request: see the worker log",
+                500,
+            ) from exc
         inferred = time.perf_counter()
         for j, (idx, request, rgb) in enumerate(accepted):
             mask_t, confidence_t = logits_to_prediction(logits[j], prepared[j][1])

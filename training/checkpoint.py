@@ -12,7 +12,8 @@ completed), ``global_step``, ``best_metric``, ``epochs_without_improvement``, ``
 Example:
     >>> import tempfile
     >>> path = Path(tempfile.mkdtemp()) / "ckpt.pt"
-    >>> save_checkpoint(path, {"epoch": 3, "model": {"w": torch.ones(2)}})
+    >>> state = {"epoch": 3, "model": {"w": torch.ones(2)}, "recipe": {}, "metadata": {}}
+    >>> save_checkpoint(path, state)
     >>> load_checkpoint(path)["epoch"]
     3
 """

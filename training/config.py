@@ -1,4 +1,4 @@
-"""The training recipe: typed dataclasses loaded from YAML, validated once, overridable from the CLI.
+"""The training recipe: typed dataclasses loaded from YAML, validated once, overridable by CLI.
 
 Every section is a dataclass; an unknown key, a wrong type or a value outside a fixed set of
 choices raises :class:`ConfigError` naming the dotted key and what is allowed.
@@ -208,7 +208,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(
+            _coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")

@@ -10,8 +10,9 @@ Example:
     >>> logits = torch.zeros(1, 3, 4, 4, requires_grad=True)
     >>> target = torch.full((1, 4, 4), 255)
     >>> target[0, 0, 0] = 1
-    >>> round(float(loss_fn(logits, target)), 4) > 0
-    True
+    >>> loss = loss_fn(logits, target)  # only pixel (0, 0) counts
+    >>> loss.item() > 0, loss.requires_grad
+    (True, True)
 """
 
 from __future__ import annotations

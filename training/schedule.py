@@ -77,7 +77,9 @@ def build_scheduler(
     if not 0.0 <= cfg.min_lr_ratio <= 1.0:
         raise ConfigError(f"schedule.min_lr_ratio: must be in [0, 1], got {cfg.min_lr_ratio}")
     total = max(1, steps_per_epoch * epochs)
-    warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
+    # Not capped at ``total``: the curve up to any step must not depend on train.epochs, or a
+    # run extended with --resume would not match one planned long from the start.
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
     curve = LRCurve(total, warmup, cfg.policy, cfg.power, cfg.min_lr_ratio)
     return LambdaLR(optimizer, curve)
 

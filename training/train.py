@@ -48,7 +48,7 @@ from training.model import build_model
 from training.schedule import build_optimizer, build_scheduler
 
 # Keys a resumed run may change; anything else would make "resume" a different experiment.
-RESUMABLE_CHANGES = {
+RESUMABLE = {
     "train.epochs",
     "train.progress",
     "train.threads",
@@ -171,13 +171,33 @@ def make_loaders(recipe: Recipe, spec: Any, rt: Runtime) -> tuple[DataLoader, Da
     return train_loader, val_loader
 
 
-def start_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
-    """Make epoch ``epoch``'s shuffling and augmentations a function of (seed, epoch) only."""
+def start_epoch(loader: DataLoader, seed: int, epoch: int, rank: int = 0) -> None:
+    """Make this epoch's shuffling and augmentations a function of (seed, epoch, rank) only.
+
+    The rank keeps ranks from drawing the same augmentation stream for different images.
+    """
     loader.sampler.set_epoch(epoch)
-    loader.generator.manual_seed(_epoch_seed(seed, epoch))  # worker seeds derive from it
+    stream = _epoch_seed(seed, epoch) + 7919 * rank
+    loader.generator.manual_seed(stream)  # DataLoader worker seeds derive from it
     reseed = getattr(getattr(loader.dataset, "transform", None), "reseed", None)
     if reseed is not None:
-        reseed(_epoch_seed(seed, epoch))  # the main-process stream (num_workers=0)
+        reseed(stream)  # the main-process stream (num_workers=0)
+
+
+def unused_parameters(model: torch.nn.Module, device: torch.device) -> list[str]:
+    """Names of trainable parameters that get no gradient from a forward pass.
+
+    Probed in eval mode on a zero image: BatchNorm statistics and the RNG stay untouched.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, 3, 64, 64, device=device)).float().sum().backward()
+        unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return unused
 
 
 # --- one epoch -----------------------------------------------------------------------------------
@@ -338,23 +358,89 @@ def _changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _checkpoint_state(
-    model, optimizer, scheduler, scaler, state: dict, recipe: Recipe, metadata: dict, metrics
-) -> dict:
+def load_resumable(last_path: Path, recipe: Recipe) -> dict:
+    """The checkpoint to resume from, after checking it continues *this* recipe."""
+    ckpt = load_checkpoint(last_path)
+    changed = [k for k in _changed_keys(ckpt["recipe"], recipe.to_dict()) if k not in RESUMABLE]
+    if changed:
+        raise ConfigError(
+            f"--resume: the recipe differs from the run's in {changed}; only "
+            f"{sorted(RESUMABLE)} may change. Start a new --run-dir instead"
+        )
+    if ckpt["epoch"] >= recipe.train.epochs:
+        raise ConfigError(
+            f"--resume: {last_path} already completed {ckpt['epoch']} of "
+            f"train.epochs={recipe.train.epochs}; raise train.epochs to train longer"
+        )
+    return ckpt
+
+
+@dataclass
+class Progress:
+    """Loop counters; saved in every checkpoint so a resumed run carries on from them."""
+
+    epoch: int = 0  # epochs completed
+    global_step: int = 0
+    best_metric: float = float("-inf")
+    best_epoch: int = 0
+    epochs_without_improvement: int = 0
+
+    def record(self, miou: float, min_delta: float) -> None:
+        """Count epoch ``self.epoch`` (already advanced) for best-model and early stopping."""
+        miou = miou if miou == miou else float("-inf")  # NaN (no valid pixel) never wins
+        improved = miou > self.best_metric + min_delta
+        if miou > self.best_metric:
+            self.best_metric, self.best_epoch = miou, self.epoch
+        self.epochs_without_improvement = 0 if improved else self.epochs_without_improvement + 1
+
+
+@dataclass
+class Trainer:
+    """Everything stateful that a checkpoint must capture, built from one recipe."""
+
+    model: torch.nn.Module  # the bare model (never the DDP wrapper): its state_dict is portable
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    progress: Progress
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            **vars(self.progress),
+            "rng": capture_rng_state(),
+        }
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        curve = self.scheduler.lr_lambdas[0]  # from this recipe (train.epochs may have grown)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scheduler.lr_lambdas[0] = curve
+        self.scaler.load_state_dict(ckpt["scaler"])
+        for key in vars(self.progress):
+            setattr(self.progress, key, ckpt.get(key, getattr(self.progress, key)))
+        restore_rng_state(ckpt["rng"])
+
+
+def epoch_row(epoch: int, lr: float, stats: dict, metrics: dict, best: float, names) -> dict:
+    """One line of metrics.csv / metrics.jsonl."""
     return {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "epoch": state["epoch"],
-        "global_step": state["global_step"],
-        "best_metric": state["best_metric"],
-        "best_epoch": state["best_epoch"],
-        "epochs_without_improvement": state["epochs_without_improvement"],
-        "rng": capture_rng_state(),
-        "recipe": recipe.to_dict(),
-        "metadata": metadata,
-        "metrics": metrics,
+        "epoch": epoch,
+        "lr": lr,
+        "train_loss": stats["train_loss"],
+        "val_loss": metrics["val_loss"],
+        "val_miou": metrics["miou"],
+        "pixel_acc": metrics["pixel_accuracy"],
+        "mean_acc": metrics["mean_accuracy"],
+        "mean_dice": metrics["mean_dice"],
+        "images_per_s": stats["images"] / max(stats["seconds"], 1e-9),
+        "epoch_time_s": stats["seconds"],
+        "best_miou": best,
+        "per_class_iou": dict(zip(names, metrics["per_class_iou"], strict=True)),
     }
 
 
@@ -369,20 +455,21 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     from training.datasets import dataset_info
 
     run_dir = Path(run_dir)
-    last_path = run_dir / "checkpoints" / "last.pt"
-    best_path = run_dir / "checkpoints" / "best.pt"
+    last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
     if not resume and last_path.exists():
         raise ConfigError(
             f"{run_dir}: already holds a trained run ({last_path}); pass --resume to continue "
             "it or choose another --run-dir"
         )
+    resume_from = load_resumable(last_path, recipe) if resume else None  # fail before building
+
     rt = setup_runtime(recipe)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     if recipe.train.deterministic:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
-    seed_everything(recipe.seed)
+    seed_everything(recipe.seed)  # same on every rank: identical initial weights
 
     info = dataset_info(recipe.data)
     spec = resolve_preprocess_spec(recipe)
@@ -391,49 +478,31 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
 
     model = build_model(recipe.model, num_classes).to(rt.device)
     optimizer = build_optimizer(model, recipe.optim)
-    scheduler = build_scheduler(optimizer, recipe.schedule, len(train_loader), recipe.train.epochs)
     amp_dtype, use_scaler = resolve_amp(recipe.train.amp, rt.device)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=use_scaler)
+    trainer = Trainer(
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(
+            optimizer, recipe.schedule, len(train_loader), recipe.train.epochs
+        ),
+        scaler=torch.amp.GradScaler(rt.device.type, enabled=use_scaler),
+        progress=Progress(),
+    )
     loss_fn = build_loss(recipe.loss, num_classes, ignore_index).to(rt.device)
-    state = {
-        "epoch": 0,
-        "global_step": 0,
-        "best_metric": float("-inf"),
-        "best_epoch": 0,
-        "epochs_without_improvement": 0,
-    }
     history: list[dict[str, Any]] = []
+    if resume_from is not None:
+        trainer.load_state_dict(resume_from)
+        history = read_history(run_dir, trainer.progress.epoch)
+    state = trainer.progress
 
-    if resume:
-        ckpt = load_checkpoint(last_path, map_location=rt.device)
-        changed = [
-            k for k in _changed_keys(ckpt["recipe"], recipe.to_dict()) if k not in RESUMABLE_CHANGES
-        ]
-        if changed:
-            raise ConfigError(
-                f"--resume: the recipe differs from the run's in {changed}; only "
-                f"{sorted(RESUMABLE_CHANGES)} may change. Start a new --run-dir instead"
-            )
-        curve = scheduler.lr_lambdas[0]  # built from this recipe (epochs may have grown)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scheduler.lr_lambdas[0] = curve
-        scaler.load_state_dict(ckpt["scaler"])
-        for key in state:
-            state[key] = ckpt.get(key, state[key])
-        restore_rng_state(ckpt["rng"])
-        history = read_history(run_dir, state["epoch"])
-        if state["epoch"] >= recipe.train.epochs:
-            raise ConfigError(
-                f"--resume: {last_path} already completed {state['epoch']} of "
-                f"train.epochs={recipe.train.epochs}; raise train.epochs to train longer"
-            )
-
-    raw_model = model
+    forward_model = model
     if rt.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
+        forward_model = torch.nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+            # e.g. encoder_depth < 5 leaves smp's deepest encoder stages unused; DDP would
+            # otherwise wait forever for their gradients. The search costs time: only if needed.
+            find_unused_parameters=bool(unused_parameters(model, rt.device)),
         )
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -441,65 +510,43 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
 
     patience = recipe.train.early_stopping_patience
     stopped_early = False
-    for epoch in range(state["epoch"], recipe.train.epochs):
-        start_epoch(train_loader, recipe.seed, epoch)
+    for epoch in range(state.epoch, recipe.train.epochs):
+        start_epoch(train_loader, recipe.seed, epoch, rt.rank)
         bar = tqdm(
             total=len(train_loader),
             desc=f"epoch {epoch + 1}/{recipe.train.epochs}",
             disable=not (rt.is_main and recipe.train.progress),
             leave=False,
         )
-        lr = scheduler.get_last_lr()[0]
+        lr = trainer.scheduler.get_last_lr()[0]
         stats = train_one_epoch(
-            model, train_loader, loss_fn, optimizer, scheduler, scaler,
+            forward_model, train_loader, loss_fn, optimizer, trainer.scheduler, trainer.scaler,
             amp_dtype, recipe.train.grad_clip, rt, bar,
         )  # fmt: skip
         bar.close()
-        metrics = validate(model, val_loader, loss_fn, num_classes, ignore_index, amp_dtype, rt)
-        state["epoch"] = epoch + 1
-        state["global_step"] += len(train_loader)
-
-        miou = metrics["miou"] if metrics["miou"] == metrics["miou"] else float("-inf")
-        improved = miou > state["best_metric"] + recipe.train.early_stopping_min_delta
-        if miou > state["best_metric"]:
-            state["best_metric"], state["best_epoch"] = miou, epoch + 1
-        state["epochs_without_improvement"] = (
-            0 if improved else state["epochs_without_improvement"] + 1
+        metrics = validate(
+            forward_model, val_loader, loss_fn, num_classes, ignore_index, amp_dtype, rt
         )
-
-        row = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            "train_loss": stats["train_loss"],
-            "val_loss": metrics["val_loss"],
-            "val_miou": metrics["miou"],
-            "pixel_acc": metrics["pixel_accuracy"],
-            "mean_acc": metrics["mean_accuracy"],
-            "mean_dice": metrics["mean_dice"],
-            "images_per_s": stats["images"] / max(stats["seconds"], 1e-9),
-            "epoch_time_s": stats["seconds"],
-            "best_miou": state["best_metric"],
-            "per_class_iou": dict(zip(info.class_names, metrics["per_class_iou"], strict=True)),
-        }
+        state.epoch, state.global_step = epoch + 1, state.global_step + len(train_loader)
+        state.record(metrics["miou"], recipe.train.early_stopping_min_delta)
+        row = epoch_row(epoch + 1, lr, stats, metrics, state.best_metric, info.class_names)
         history.append(row)
-        if rt.is_main:
-            metadata = build_metadata(recipe, info, spec, metrics, str(last_path))
-            ckpt = _checkpoint_state(
-                raw_model, optimizer, scheduler, scaler, state, recipe, metadata, metrics
-            )
-            if state["best_epoch"] == epoch + 1:
-                ckpt["metadata"] = build_metadata(recipe, info, spec, metrics, str(best_path))
-                save_checkpoint(best_path, ckpt)
-                ckpt["metadata"] = metadata
-            save_checkpoint(last_path, ckpt)  # last: a crash mid-epoch resumes from here
+
+        if rt.is_main:  # every rank holds the same numbers; one writes them
+            ckpt = trainer.state_dict() | {"recipe": recipe.to_dict(), "metrics": metrics}
+            if state.best_epoch == epoch + 1:
+                meta = build_metadata(recipe, info, spec, metrics, str(best_path))
+                save_checkpoint(best_path, ckpt | {"metadata": meta})
+            meta = build_metadata(recipe, info, spec, metrics, str(last_path))
+            save_checkpoint(last_path, ckpt | {"metadata": meta})  # a crash resumes from here
             write_history(run_dir, history)
             plot_curves(history, run_dir / "curves.png")
             tqdm.write(
                 f"epoch {epoch + 1}/{recipe.train.epochs}  train_loss {row['train_loss']:.4f}  "
-                f"val_loss {row['val_loss']:.4f}  val_miou {metrics['miou']:.4f}  "
+                f"val_loss {row['val_loss']:.4f}  val_miou {row['val_miou']:.4f}  "
                 f"{row['images_per_s']:.1f} img/s  {row['epoch_time_s']:.1f}s"
             )
-        if patience is not None and state["epochs_without_improvement"] >= patience:
+        if patience is not None and state.epochs_without_improvement >= patience:
             stopped_early = True
             if rt.is_main:
                 tqdm.write(f"early stopping: no val mIoU gain for {patience} epoch(s)")
@@ -509,9 +556,9 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
         dist.barrier()  # rank 0's files are complete before anyone returns
         dist.destroy_process_group()
     return {
-        "best_miou": state["best_metric"],
-        "best_epoch": state["best_epoch"],
-        "epochs_completed": state["epoch"],
+        "best_miou": state.best_metric,
+        "best_epoch": state.best_epoch,
+        "epochs_completed": state.epoch,
         "stopped_early": stopped_early,
         "final": history[-1] if history else {},
         "best_checkpoint": str(best_path),

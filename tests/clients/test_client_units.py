@@ -35,7 +35,8 @@ def test_token_precedence(tmp_path: Path) -> None:
     assert resolve_token("inference", key_file=kf, environ={}) == "ikey"
     assert resolve_token("management", key_file=kf, environ={}) == "mkey"
     env = {"SEGSERVE_TOKEN": "env-i"}
-    assert resolve_token("inference", key_file=kf, environ=env) == "env-i"
+    assert resolve_token("inference", key_file=kf, environ=env) == "ikey"  # explicit file wins
+    assert resolve_token("inference", environ=env) == "env-i"
     assert resolve_token("inference", "cli", key_file=kf, environ=env) == "cli"
 
 

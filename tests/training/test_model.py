@@ -1,4 +1,4 @@
-"""training/model.py: any smp architecture, clear errors, fast offline failure, checkpoint rebuild."""
+"""training/model.py: any smp architecture, clear errors, fast offline failure, rebuilds."""
 
 from __future__ import annotations
 

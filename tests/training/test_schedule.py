@@ -87,11 +87,16 @@ def test_schedule_config_checks() -> None:
         build_scheduler(_optimizer(), ScheduleConfig(min_lr_ratio=1.5), 4, 2)
 
 
-def test_warmup_longer_than_training_is_capped() -> None:
-    opt = _optimizer(lr=1.0)
-    sched = build_scheduler(opt, ScheduleConfig(warmup_epochs=10), steps_per_epoch=2, epochs=2)
-    assert sched.lr_lambdas[0].warmup_steps == 4
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.25)
+def test_warmup_does_not_depend_on_the_number_of_epochs() -> None:
+    """The curve up to a step is the same for a short and a long run (resume can extend)."""
+    cfg = ScheduleConfig(policy="constant", warmup_epochs=10)
+    short_opt, long_opt = _optimizer(lr=1.0), _optimizer(lr=1.0)
+    short = build_scheduler(short_opt, cfg, steps_per_epoch=2, epochs=2)
+    long = build_scheduler(long_opt, cfg, steps_per_epoch=2, epochs=20)
+    assert short.lr_lambdas[0].warmup_steps == long.lr_lambdas[0].warmup_steps == 20
+    for _ in range(4):
+        assert short_opt.param_groups[0]["lr"] == long_opt.param_groups[0]["lr"]
+        short_opt.step(), long_opt.step(), short.step(), long.step()
 
 
 def _net() -> torch.nn.Module:
