@@ -11,6 +11,7 @@ MODEL_VERSION ?= 1.0
 BATCH_SIZE  ?= 8
 MAX_BATCH_DELAY ?= 10
 ARGS        ?=
+NPROC       ?= 2
 # make loadtest: the local `make serve` by default
 HOST        ?= http://127.0.0.1:8080
 GRPC_HOST   ?= 127.0.0.1:7070
@@ -20,10 +21,10 @@ DURATION    ?= 30s
 SLO_P95_MS  ?= 300
 SLO_ERROR_RATE ?= 0.01
 
-.PHONY: help install train evaluate export archive serve stop predict demo test test-fast lint bench loadtest soak chaos k8s-tools k8s-validate k8s-deploy clean
+.PHONY: help install train train-ddp evaluate export archive serve stop predict demo test test-fast lint bench loadtest soak chaos k8s-tools k8s-validate k8s-deploy clean
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,8 +35,19 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed ## make .venv and install everything (torch, smp, TorchServe, gRPC stubs)
 
+# The pipeline is file targets: a step runs only when its output is missing, so `make demo`
+# after an interrupted or finished run picks up where it stopped. `make clean` starts over.
+CKPT    := $(RUN_DIR)/checkpoints/best.pt
+EXPORT  := $(RUN_DIR)/export/model.pt
+MAR     := model_archives/$(MODEL_NAME).mar
+SAMPLES := $(RUN_DIR)/samples
+
 train: install ## train the recipe CONFIG (default: the embedded synthetic dataset) into RUN_DIR
 	$(PY) -m training train --config $(CONFIG) --run-dir $(RUN_DIR) $(ARGS)
+
+train-ddp: install ## train CONFIG with torchrun on NPROC processes (DDP; gloo on CPU, nccl on GPU)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m training train \
+		--config $(CONFIG) --run-dir $(RUN_DIR) $(ARGS)
 
 evaluate: install ## evaluate RUN_DIR's best checkpoint: per-class table, confusion matrix, overlays
 	$(PY) -m training evaluate --run-dir $(RUN_DIR)
@@ -47,6 +59,27 @@ archive: install ## pack RUN_DIR/export into model_archives/$(MODEL_NAME).mar (+
 	$(PY) -m serving.archive --export-dir $(RUN_DIR)/export --model-name $(MODEL_NAME) \
 		--version $(MODEL_VERSION) --batch-size $(BATCH_SIZE) --max-batch-delay $(MAX_BATCH_DELAY) \
 		--out-dir model_archives
+
+$(CKPT): | install
+	$(PY) -m training train --config $(CONFIG) --run-dir $(RUN_DIR) $(ARGS)
+$(RUN_DIR)/eval/metrics.json: $(CKPT)
+	$(PY) -m training evaluate --run-dir $(RUN_DIR)
+$(EXPORT): $(CKPT) $(RUN_DIR)/eval/metrics.json
+	$(PY) -m training export --run-dir $(RUN_DIR)
+$(MAR): $(EXPORT)
+	$(MAKE) --no-print-directory archive
+$(SAMPLES): | install
+	$(PY) -m training samples --out-dir $(SAMPLES) -n 4 --size 240 320
+
+demo: $(MAR) $(SAMPLES) ## the main job: install, train, evaluate, export, archive, serve, predict (REST + gRPC), stop
+	$(PY) -m serving.server start --config config.properties
+	@rc=0; \
+	$(PY) -m client predict $(SAMPLES)/val_0000.png --output mask --out-dir $(RUN_DIR)/demo/rest || rc=1; \
+	$(PY) -m client predict $(SAMPLES)/val_0000.png --output overlay --out-dir $(RUN_DIR)/demo/rest || rc=1; \
+	$(PY) -m client predict $(SAMPLES) --protocol grpc --output mask --out-dir $(RUN_DIR)/demo/grpc || rc=1; \
+	$(PY) -m serving.server stop; \
+	if [ $$rc = 0 ]; then echo "demo: predictions in $(RUN_DIR)/demo, metrics in $(RUN_DIR)/eval/per_class.md"; fi; \
+	exit $$rc
 
 serve: install ## start TorchServe with config.properties and wait until the model answers
 	$(PY) -m serving.server start --config config.properties

@@ -171,8 +171,9 @@ def floor_rows(model_pt: Path, size: int, batch: int, requests: int) -> list[Row
     """The bare forward, timed per call; throughput counts images (batch × calls / s)."""
     import torch
 
-    with _quiet_jit():
-        model = torch.jit.load(str(model_pt), map_location="cpu").eval()
+    from handler.runtime import load_scripted_model
+
+    model = load_scripted_model(model_pt)
     rows = []
     for n in sorted({1, batch}):
         x = torch.randn(n, 3, size, size)

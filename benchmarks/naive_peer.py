@@ -18,7 +18,6 @@ import argparse
 import base64
 import io
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +30,10 @@ from PIL import Image
 def load(model_path: Path) -> tuple[Any, dict[str, Any]]:
     """The TorchScript module and the metadata embedded in it."""
     extra = {"metadata.json": ""}
-    with warnings.catch_warnings():  # torch deprecates the TorchScript loader it still needs
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
-        model = torch.jit.load(str(model_path), map_location="cpu", _extra_files=extra).eval()
+    # The same loader as the handler, so the peer runs the same executor (a fair comparison).
+    from handler.runtime import load_scripted_model
+
+    model = load_scripted_model(model_path, extra_files=extra)
     meta = json.loads(extra["metadata.json"]) if extra["metadata.json"] else {}
     return model, meta
 

@@ -26,7 +26,6 @@ import logging
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +51,7 @@ from handler.preprocessing import (  # noqa: E402
     rgb_array_to_tensor,
 )
 from handler.request import parse_request  # noqa: E402
+from handler.runtime import load_scripted_model  # noqa: E402
 from handler.telemetry import Telemetry  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -87,13 +87,7 @@ class SegmenterHandler(BaseHandler):
             options.get("cuda_channels_last", self.meta.serving.cuda_channels_last)
         )
         serialized = context.manifest["model"].get("serializedFile", "model.pt")
-        with warnings.catch_warnings():
-            # torch 2.x deprecates TorchScript loading but still supports it: silence only that.
-            warnings.filterwarnings(
-                "ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning
-            )
-            self.model = torch.jit.load(str(model_dir / serialized), map_location=self.device)
-        self.model = self.model.eval()
+        self.model = load_scripted_model(model_dir / serialized, self.device)
         if self.half:
             self.model = self.model.half()
         self.initialized = True

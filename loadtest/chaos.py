@@ -316,14 +316,15 @@ def recovery_figures(
     * ``first_success_s``: from the event to the completion of the first successful request
       *sent after* it (a request sent before may have been answered by the dying worker);
     * ``steady_s``: from the event to the start of the first ``window_s`` window whose
-      success rate is at least ``fraction`` of the rate before the event;
+      success rate is at least ``fraction`` of the rate before the event (so it may lead the
+      real return by up to ``window_s * (1 - fraction)``);
     * ``baseline_rps``: successes per second before the event.
 
     Example:
         >>> before = [Outcome(t / 10, t / 10 + 0.1, 200) for t in range(100)]    # 10/s to t=10
         >>> after = [Outcome(13 + t / 10, 13.1 + t / 10, 200) for t in range(50)]
         >>> recovery_figures(before + after, t_event=10.0)
-        {'baseline_rps': 10.0, 'first_success_s': 3.1, 'steady_s': 3.0}
+        {'baseline_rps': 10.0, 'first_success_s': 3.1, 'steady_s': 2.7}
     """
     first_start = min((o.start for o in outcomes), default=t_event)
     baseline = success_rate(outcomes, first_start + 0.1 * (t_event - first_start), t_event)

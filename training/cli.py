@@ -148,6 +148,14 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 # --- parser --------------------------------------------------------------------------------------
 
 
+def cmd_samples(args: argparse.Namespace) -> int:
+    from training.synthetic import write_samples
+
+    paths = write_samples(args.out_dir, args.n, seed=args.seed, size=tuple(args.size))
+    print(f"wrote {len(paths)} images to {args.out_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training", description="segserve training: recipe → checkpoint → export"
@@ -180,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True, help="where the palette PNG masks go")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("samples", help="write images of the embedded dataset (demo, load tests)")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("-n", type=int, default=4, help="how many images (default 4)")
+    p.add_argument("--size", type=int, nargs=2, default=[128, 128], metavar=("H", "W"))
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_samples)
 
     p = sub.add_parser("check-data", help="load every sample of a recipe's data; list problems")
     p.add_argument("--config", required=True)

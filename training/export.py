@@ -40,6 +40,7 @@ import torch
 
 from handler.metadata import MetadataError, parse_metadata
 from handler.preprocessing import PreprocessSpec, prepare_image, rgb_array_to_tensor
+from handler.runtime import load_scripted_model
 from training.metrics import jsonable
 
 MODEL_FILE = "model.pt"
@@ -127,8 +128,7 @@ def load_torchscript(path: Path, device: str = "cpu") -> tuple[torch.jit.ScriptM
     """Load ``model.pt`` → (module in eval mode, embedded metadata dict; {} if none)."""
     extra = {METADATA_FILE: ""}
     try:
-        with quiet_torchscript():
-            module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+        module = load_scripted_model(path, device, extra_files=extra)
     except (RuntimeError, ValueError, OSError) as exc:
         raise ExportError(
             f"{path}: not a loadable TorchScript model ({str(exc).splitlines()[0]}); "

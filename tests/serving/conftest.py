@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import io
 import sys
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -37,16 +36,11 @@ class Reference:
     """
 
     def __init__(self, export_dir: Path) -> None:
-        import torch
-
         from handler.metadata import load_metadata
+        from handler.runtime import load_scripted_model
 
         self.meta = load_metadata(export_dir / "metadata.json")
-        with warnings.catch_warnings():
-            warnings.filterwarnings(
-                "ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning
-            )
-            self.model = torch.jit.load(str(export_dir / "model.pt"), map_location="cpu").eval()
+        self.model = load_scripted_model(export_dir / "model.pt")
 
     def predict(self, images: list[np.ndarray], batched: bool = False) -> list[np.ndarray]:
         import torch

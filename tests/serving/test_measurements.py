@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import statistics
 import time
-import warnings
 
 import numpy as np
 import pytest
@@ -25,9 +24,9 @@ def test_latency_served_vs_raw_forward(torchserve, helpers, tiny_export, referen
         response = helpers.rest_predict(torchserve, body)
         served.append(time.perf_counter() - start)
         assert response.status_code == 200
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated")
-        model = torch.jit.load(str(tiny_export / "model.pt")).eval()
+    from handler.runtime import load_scripted_model
+
+    model = load_scripted_model(tiny_export / "model.pt")
     h, w = reference.meta.preprocess.input_size
     x = torch.randn(1, 3, h, w)
     raw, pipeline = [], []
