@@ -59,6 +59,14 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_PIXELS = 40_000_000  # 8K x 5K; a 64 MB request cap lets far bigger bombs through
 
 
+def _asks_for_stream(item: Any) -> bool:
+    """True when a request carries the ``stream`` input key (set by gRPC stream clients)."""
+    value = item.get("stream") if isinstance(item, dict) else None
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("utf-8", "replace")
+    return str(value).strip().lower() == "true"
+
+
 class SegmenterHandler(BaseHandler):
     """Semantic segmentation: image bytes in, class mask (or colour/overlay/JSON) out."""
 
@@ -148,6 +156,11 @@ class SegmenterHandler(BaseHandler):
         self.context = context
         telemetry = Telemetry(context.metrics)
         start = time.perf_counter()
+        for idx, item in enumerate(data):
+            if _asks_for_stream(item):
+                # gRPC StreamPredictions: our one answer is the stream's last chunk. Without
+                # this header TorchServe 0.12 waits for more chunks and kills the worker.
+                context.set_response_header(idx, "ts_stream_next", "false")
         responses, accepted = self._accept(context, data, telemetry)
         if not accepted:
             return responses

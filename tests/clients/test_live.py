@@ -226,14 +226,6 @@ def test_bad_cli_configuration_exits_2(tmp_path: Path, capsys: pytest.CaptureFix
     assert "--stream needs --protocol grpc" in capsys.readouterr().err
 
 
-HANDLER_STREAMS = "ts_stream_next" in (REPO / "handler" / "segmenter_handler.py").read_text()
-
-
-@pytest.mark.skipif(
-    not HANDLER_STREAMS,
-    reason="handler does not mark stream answers (ts_stream_next); TorchServe 0.12 would kill "
-    "the shared server's worker on StreamPredictions",
-)
 def test_grpc_stream_predictions(grpc_client: GrpcClient) -> None:
     image = _png(48, 64, 3)
     chunks = list(grpc_client.stream_predict(image))
