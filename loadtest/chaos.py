@@ -366,7 +366,7 @@ def worker_kill(
     info: Any,
     images: Sequence[bytes],
     batch_size: int,
-    concurrency: int = 4,
+    concurrency: int = 8,
     warmup_s: float = 4.0,
     after_s: float = 12.0,
     model: str = "segmenter",
@@ -383,21 +383,28 @@ def worker_kill(
     new_pids = wait_workers_ready(info, model)
     outcomes = loop.stop()
     failed = [o for o in outcomes if not o.ok]
-    bound = min(in_flight_at(outcomes, t_kill), batch_size * len(old_pids))
+    # The dead worker held at most one batch: its requests fail, the queue's wait and succeed.
+    # (A request sent a few ms after the SIGKILL may still join that batch before the frontend
+    # notices, so the bound is the batch, not "sent before the kill".)
+    bound = batch_size * len(old_pids)
+    recovery = recovery_figures(outcomes, t_kill)
+    back = t_kill + recovery["first_success_s"] if recovery["first_success_s"] else float("inf")
     figures = {
         **summarize(outcomes),
+        "concurrency": concurrency,
         "killed_pids": old_pids,
         "new_pids": new_pids,
         "in_flight_at_kill": in_flight,
         "failure_bound": bound,
         "failures_sent_after_kill": sum(1 for o in failed if o.start >= t_kill),
         "failure_messages": sorted({o.error[:120] for o in failed}),
-        **recovery_figures(outcomes, t_kill),
+        **recovery,
     }
     checks = {
         "worker restarted (new pid)": bool(new_pids) and not set(new_pids) & set(old_pids),
-        "failures <= requests in flight on the killed worker": len(failed) <= bound,
-        "no failure among requests sent after the kill": figures["failures_sent_after_kill"] == 0,
+        "failures <= one batch of the killed worker": len(failed) <= bound,
+        "failures <= requests in flight at the kill": len(failed) <= max(in_flight, 1),
+        "no failure after the new worker answered": all(o.end <= back for o in failed),
         "a request sent after the kill succeeded": figures["first_success_s"] is not None,
         "throughput back to steady state": figures["steady_s"] is not None,
     }

@@ -367,7 +367,9 @@ def start(
     except BaseException:
         stop(workdir, pid=pid)
         raise
-    (log_dir / STATE_FILE).write_text(json.dumps(info.to_dict(), indent=2), encoding="utf-8")
+    # Never the keys: logs/ is what people ship to log collectors. load_info re-reads them.
+    public = {k: v for k, v in info.to_dict().items() if not k.endswith("_key")}
+    (log_dir / STATE_FILE).write_text(json.dumps(public, indent=2), encoding="utf-8")
     return info
 
 
@@ -414,8 +416,14 @@ def load_info(workdir: str | Path | None = None) -> ServerInfo | None:
     """The ServerInfo saved by ``start`` in ``workdir`` (default: cwd), or None."""
     path = Path(workdir or Path.cwd()).resolve() / "logs" / STATE_FILE
     try:
-        return ServerInfo(**json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError):
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        keys = read_keys(Path(saved["workdir"])) or {}
+        return ServerInfo(
+            **saved,
+            inference_key=keys.get("inference", ""),
+            management_key=keys.get("management", ""),
+        )
+    except (OSError, ValueError, TypeError, KeyError):
         return None
 
 

@@ -1,9 +1,15 @@
 """The embedded default dataset: procedurally drawn scenes of textured, overlapping shapes.
 
-Each class differs by *shape and texture*, never by a fixed colour (object colours are random),
-so a model has to learn real spatial features. Scenes add what makes real data hard: cluttered
-textured backgrounds with thin distractor strokes, objects occluding each other (a ring's hole
-shows what lies beneath), per-image lighting gradients, contrast changes and sensor noise.
+Each class has its own shape, texture and *hue family*, as real classes do (sky is blue-ish,
+vegetation green-ish): colour is a strong but imperfect cue. Hues are jittered, saturation and
+brightness vary widely, and background clutter draws strokes in the objects' hues, so exact
+masks still need shape and edges. Scenes add what makes real data hard: cloudy low-saturation
+backgrounds, objects occluding each other (a ring's hole shows what lies beneath), per-image
+lighting gradients, contrast changes and sensor noise.
+
+Calibration (why hue families): with fully random object colours, a Unet trained from scratch
+on 2 CPU cores was still predicting background only (val mIoU 0.13) after 1,600 images, far
+outside the 10-minute budget of ``make demo``.
 
 Everything is a pure function of ``(seed, index)``: the same arrays on every call, in any
 process, in any order. Train and validation scenes come from disjoint index ranges
@@ -17,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import colorsys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,7 +87,7 @@ def generate_scene(seed: int, index: int, size: tuple[int, int]) -> tuple[np.nda
         if not region.any():
             continue
         texture = _TEXTURES[cls](rng, grid, scale)
-        c0, c1 = _colour_pair(rng)
+        c0, c1 = _class_colour_pair(rng, cls)
         layer = c0 + (c1 - c0) * texture[..., None]
         image[region] = layer[region]
         mask[region] = cls
@@ -102,6 +109,8 @@ def _background(rng: np.random.Generator, grid: _Grid) -> np.ndarray:
     yy, xx = grid
     h, w = yy.shape
     c0, c1 = _colour_pair(rng)
+    # Low saturation: pull both colours towards their grey level.
+    c0, c1 = (0.35 * c + 0.65 * c.mean() for c in (c0, c1))
     blend = _smooth_noise(rng, (h, w), int(rng.integers(3, 9)))
     image = c0 + (c1 - c0) * blend[..., None]
     scale = min(h, w) / 128.0
@@ -110,7 +119,8 @@ def _background(rng: np.random.Generator, grid: _Grid) -> np.ndarray:
         p0 = rng.random(2) * (h, w)
         p1 = p0 + rng.normal(0, 30 * scale, 2)
         stroke = _segment_distance(grid, p0, p1) <= rng.uniform(0.5, 1.2) * max(scale, 1.0)
-        image[stroke] = rng.uniform(0, 255, 3)
+        hue = float(rng.choice(list(_CLASS_HUES.values())) + rng.uniform(-20, 20))
+        image[stroke] = _hsv(hue, rng.uniform(0.5, 1.0), rng.uniform(0.5, 1.0))
     return image
 
 
@@ -244,6 +254,25 @@ def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     c0 = rng.uniform(0, 255, 3).astype(np.float32)
     shift = rng.uniform(50, 110) * rng.choice([-1.0, 1.0])
     c1 = np.clip(c0 + shift + rng.normal(0, 30, 3), 0, 255).astype(np.float32)
+    return c0, c1
+
+
+# Centre hue (degrees) of each object class's colour family.
+_CLASS_HUES = {1: 0.0, 2: 120.0, 3: 55.0, 4: 215.0, 5: 290.0}
+
+
+def _hsv(hue: float, saturation: float, value: float) -> np.ndarray:
+    """HSV (hue in degrees, s and v in [0, 1]) → float32 RGB in [0, 255]."""
+    rgb = colorsys.hsv_to_rgb((hue % 360.0) / 360.0, saturation, value)
+    return np.array(rgb, dtype=np.float32) * 255.0
+
+
+def _class_colour_pair(rng: np.random.Generator, cls: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two colours of the class's hue family (±20°), the second paler and darker (texture)."""
+    hue = _CLASS_HUES[cls] + rng.uniform(-20.0, 20.0)
+    saturation, value = rng.uniform(0.5, 1.0), rng.uniform(0.55, 1.0)
+    c0 = _hsv(hue, saturation, value)
+    c1 = _hsv(hue, saturation * rng.uniform(0.3, 0.7), value * rng.uniform(0.4, 0.7))
     return c0, c1
 
 

@@ -84,8 +84,9 @@ def test_worker_kill_fails_at_most_the_in_flight_requests(
     print("\n" + chaos.report_markdown([result]))
     figures = result.figures
     assert result.checks and all(result.checks.values()), result.checks
-    assert figures["requests"] > 20 and figures["ok"] >= figures["requests"] - 4
-    assert figures["failed"] <= figures["failure_bound"] <= 4
+    assert figures["requests"] > 20 and figures["concurrency"] == 8
+    # 8 requests outstanding, the worker holds at most one batch of 4: the rest must survive.
+    assert figures["failed"] <= figures["failure_bound"] == 4
     # Whatever failed says so: TorchServe's "Worker died." (507), not a hang or a closed socket.
     assert all("Worker died" in m for m in figures["failure_messages"]), figures
 

@@ -205,8 +205,9 @@ def test_tokens_never_reach_the_logs(api_server, scene_images):
     logs = [
         p
         for p in Path(api_server.log_dir).rglob("*")
-        if p.is_file() and p.suffix in (".log", ".out")
+        if p.is_file()  # TorchServe's logs, its config copy and our segserve_server.json
     ]
+    assert any(p.name == "segserve_server.json" for p in logs), logs
     assert any(p.name == "access_log.log" for p in logs) and len(logs) >= 3, logs
     for path in logs:
         text = path.read_text(encoding="utf-8", errors="replace")
