@@ -87,7 +87,7 @@ serve: install ## start TorchServe with config.properties and wait until the mod
 stop: install ## stop TorchServe
 	$(PY) -m serving.server stop
 
-test: install ## run the whole test suite (installs first when needed)
+test: install k8s-tools ## run the whole test suite (installs first when needed)
 	$(PY) -m pytest
 
 test-fast: install ## run the tests that neither train for long nor start TorchServe

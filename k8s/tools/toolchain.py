@@ -83,7 +83,11 @@ def fetch_promtool() -> Path:
         raise ToolError("no apt-get: install promtool (Prometheus release tarball) on PATH")
     TOOLS_BIN.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["apt-get", "download", "prometheus"], cwd=tmp, check=True)
+        download = ["apt-get", "download", "-q", "prometheus"]
+        if subprocess.run(download, cwd=tmp, check=False).returncode != 0:
+            # A fresh machine may have no package lists yet.
+            subprocess.run(["apt-get", "update", "-q"], check=True)
+            subprocess.run(download, cwd=tmp, check=True)
         deb = next(Path(tmp).glob("prometheus_*.deb"))
         subprocess.run(["dpkg-deb", "-x", str(deb), f"{tmp}/x"], check=True)
         shutil.copy2(f"{tmp}/x/usr/bin/promtool", dest)
