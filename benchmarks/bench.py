@@ -17,7 +17,7 @@ The load generator shares the machine with the server: on 2 cores, throughput fi
 a lower bound and concurrency N mostly measures queueing.
 
 Example:
-    python -m benchmarks.bench --concurrency 4 --requests 40
+    python -m benchmarks.bench --batch 4 --requests 40
 """
 
 from __future__ import annotations

@@ -485,7 +485,13 @@ def response_timeout(
     """One request slower than ``responseTimeout``: a bounded 5xx, a new worker, service again."""
     old_pids = wait_workers_ready(info, model)
     slow = post_image(info, images[0], model, {FAULT_HEADER: str(sleep_s)}, timeout=sleep_s + 60)
+    # Right after the 5xx the management API may still list the dying worker as READY: wait
+    # (bounded) for the replacement, so "no restart" is a finding, not a race.
+    deadline = time.monotonic() + 60
     new_pids = wait_workers_ready(info, model)
+    while set(new_pids) & set(old_pids) and time.monotonic() < deadline:
+        time.sleep(0.25)
+        new_pids = wait_workers_ready(info, model)
     t_ready = time.monotonic()
     after = [post_image(info, image, model) for image in images[:3]]
     figures = {
