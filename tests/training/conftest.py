@@ -13,7 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from training.datasets import voc_palette
+from training.checkpoint import save_checkpoint
+from training.config import Recipe
+from training.datasets import dataset_info, voc_palette
+from training.metadata import build_metadata, resolve_preprocess_spec
+from training.model import build_model
 
 H, W = 24, 32
 
@@ -113,3 +117,24 @@ def folder_root(tmp_path: Path) -> Path:
             write_rgb(root / "images" / split / f"img{i}.jpg", seed=i, fmt="JPEG")
             write_index(root / "masks" / split / f"img{i}.png", bands([0, 1, 2, 9]))
     return root
+
+
+def write_untrained_checkpoint(
+    recipe: Recipe, run_dir: Path, seed: int = 0, metrics: dict | None = None
+) -> Path:
+    """``run_dir/checkpoints/best.pt`` of a randomly initialised model for ``recipe``.
+
+    The run folder evaluate/export/predict read, without spending test time on training.
+    """
+    torch.manual_seed(seed)
+    info = dataset_info(recipe.data)
+    state = {
+        "model": build_model(recipe.model, info.num_classes).state_dict(),
+        "epoch": 1,
+        "recipe": recipe.to_dict(),
+        "metadata": build_metadata(recipe, info, resolve_preprocess_spec(recipe), metrics, None),
+        "metrics": {},
+    }
+    path = run_dir / "checkpoints" / "best.pt"
+    save_checkpoint(path, state)
+    return path

@@ -13,13 +13,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from handler.preprocessing import prepare_image, rgb_array_to_tensor
-from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from training.checkpoint import CheckpointError, load_checkpoint
 from training.config import recipe_from_dict
 from training.datasets import build_dataset, dataset_info
 from training.evaluate import EvalTarget, colourise, overlay_indices, overlay_panel, run_evaluation
-from training.metadata import build_metadata, resolve_preprocess_spec
+from training.metadata import resolve_preprocess_spec
 from training.metrics import BoundaryF1, ConfusionMatrix
-from training.model import build_model, model_from_checkpoint
+from training.model import model_from_checkpoint
+
+from .conftest import write_untrained_checkpoint
 
 VAL_SIZE = (40, 56)  # not a multiple of 32: predictions are upsampled back to it
 
@@ -38,15 +40,7 @@ def tiny_run(tmp_path: Path, data: dict | None = None) -> Path:
             "eval": {"boundary_tolerance": 1, "num_overlays": 3},
         }
     )
-    torch.manual_seed(0)
-    info = dataset_info(recipe.data)
-    state = {
-        "model": build_model(recipe.model, info.num_classes).state_dict(),
-        "epoch": 1,
-        "recipe": recipe.to_dict(),
-        "metadata": build_metadata(recipe, info, resolve_preprocess_spec(recipe), None, None),
-    }
-    save_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt", state)
+    write_untrained_checkpoint(recipe, tmp_path / "run", seed=0)
     return tmp_path / "run"
 
 

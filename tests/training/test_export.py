@@ -11,7 +11,6 @@ import torch
 
 from handler.metadata import parse_metadata
 from handler.preprocessing import PreprocessSpec, prepare_image, rgb_array_to_tensor
-from training.checkpoint import save_checkpoint
 from training.config import recipe_from_dict
 from training.datasets import build_dataset, dataset_info
 from training.export import (
@@ -24,7 +23,8 @@ from training.export import (
     parity_sizes,
 )
 from training.metadata import build_metadata, resolve_preprocess_spec
-from training.model import build_model
+
+from .conftest import write_untrained_checkpoint
 
 
 def tiny_run(
@@ -46,19 +46,8 @@ def tiny_run(
             "export": export or {"parity_sizes": [[96, 64]]},
         }
     )
-    torch.manual_seed(0)
-    info = dataset_info(recipe.data)
-    net = build_model(recipe.model, info.num_classes)
-    spec = resolve_preprocess_spec(recipe)
     run_dir = tmp_path / "run"
-    state = {
-        "model": net.state_dict(),
-        "epoch": 1,
-        "recipe": recipe.to_dict(),
-        "metadata": build_metadata(recipe, info, spec, {"miou": 0.1}, None),
-        "metrics": {},
-    }
-    save_checkpoint(run_dir / "checkpoints" / "best.pt", state)
+    write_untrained_checkpoint(recipe, run_dir, seed=0, metrics={"miou": 0.1})
     return run_dir
 
 

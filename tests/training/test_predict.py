@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from handler.preprocessing import prepare_image, rgb_array_to_tensor
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint import load_checkpoint
 from training.config import recipe_from_dict
-from training.datasets import dataset_info
 from training.export import ExportError, export_run
-from training.metadata import build_metadata, resolve_preprocess_spec
-from training.model import build_model, model_from_checkpoint
+from training.model import model_from_checkpoint
 from training.predict import PredictError, Predictor
+
+from .conftest import write_untrained_checkpoint
 
 NUM_CLASSES = 6  # the synthetic dataset's
 
@@ -35,15 +35,7 @@ def exported_run(root: Path, resize_policy: str = "resize") -> Path:
             "model": {"kwargs": {"encoder_depth": 3, "decoder_channels": [32, 16, 8]}},
         }
     )
-    torch.manual_seed(1)
-    info = dataset_info(recipe.data)
-    state = {
-        "model": build_model(recipe.model, info.num_classes).state_dict(),
-        "epoch": 1,
-        "recipe": recipe.to_dict(),
-        "metadata": build_metadata(recipe, info, resolve_preprocess_spec(recipe), None, None),
-    }
-    save_checkpoint(root / "run" / "checkpoints" / "best.pt", state)
+    write_untrained_checkpoint(recipe, root / "run", seed=1)
     export_run(root / "run")
     return root / "run"
 
