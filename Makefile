@@ -105,10 +105,10 @@ loadtest: install ## Locust REST+gRPC load test + SLO report (HOST GRPC_HOST USE
 		--slo-error-rate $(SLO_ERROR_RATE) $(ARGS)
 
 soak: DURATION = 10m
-soak: install ## bounded Locust soak (DURATION=10m, USERS) + worker RSS slope; needs `make archive`
+soak: install ## bounded Locust soak (DURATION=10m, USERS) + worker and frontend RSS slopes; needs `make archive`
 	$(PY) -m loadtest.soak --duration $(DURATION) --users $(USERS) $(ARGS)
 
-chaos: install ## kill a worker, overload the queue, time a request out; prints figures (RUN_DIR)
+chaos: install ## kill a worker, overload the queue, time a request out, hostile traffic; prints figures (RUN_DIR)
 	$(PY) -m loadtest.chaos --export-dir $(RUN_DIR)/export $(ARGS)
 
 k8s-tools: install ## fetch kubectl (+kustomize) and promtool into .tools/bin

@@ -10,6 +10,9 @@ Example:
 
 from __future__ import annotations
 
+# TorchServe's message when the worker holding a batch is gone (every request of the batch).
+WORKER_DIED_MESSAGE = "Worker died."
+
 
 class ClientError(Exception):
     """Base class of everything the segserve client raises on purpose."""
@@ -76,6 +79,26 @@ class RetryableServerError(ServerError):
     def __init__(self, status: int, message: str, url: str = "", retry_after: float | None = None):
         super().__init__(status, message, url)
         self.retry_after = retry_after
+
+
+class WorkerDied(ServerError):
+    """TorchServe lost the worker process that held this request's batch ("Worker died.").
+
+    TorchServe 0.12 tells two deaths apart, and so does this class (``killed``):
+
+    * the process was SIGKILLed (exit 137: the OOM killer, the kubelet, an operator, ``make
+      chaos``): HTTP 507, gRPC RESOURCE_EXHAUSTED. The request was a bystander of its batch
+      and a prediction has no side effect, so it is ``retryable`` (a bounded number of times,
+      :attr:`client.retry.RetryPolicy.worker_died_retries`);
+    * the worker passed the model's ``responseTimeout`` (or crashed on the batch): HTTP 500,
+      gRPC INTERNAL. This request may be the cause: sending it again would hold the next
+      worker for another full timeout and kill it too, so it is not retried.
+    """
+
+    def __init__(self, status: int, message: str, url: str = "", killed: bool = False) -> None:
+        super().__init__(status, message, url)
+        self.killed = killed
+        self.retryable = killed
 
 
 class ConfigurationError(ClientError):

@@ -19,16 +19,18 @@ from typing import Any
 import grpc
 
 from client.errors import (
+    WORKER_DIED_MESSAGE,
     AuthError,
     ClientError,
     RequestRejected,
     RetryableServerError,
     ServerError,
     ServerUnavailable,
+    WorkerDied,
 )
 from client.grpc_stubs import Stubs, load_stubs
 from client.outputs import Prediction, check_output
-from client.retry import RetryPolicy, call_with_retry
+from client.retry import RetryCallback, RetryPolicy, call_with_retry
 
 DEFAULT_INFERENCE_TARGET = "127.0.0.1:7070"
 DEFAULT_MANAGEMENT_TARGET = "127.0.0.1:7071"
@@ -48,6 +50,9 @@ _REJECTED = {
     grpc.StatusCode.OUT_OF_RANGE: 400,
     grpc.StatusCode.ALREADY_EXISTS: 409,
 }
+# TorchServe maps its "Worker died." statuses to gRPC codes (GRPCUtils): 507, the worker was
+# SIGKILLed, becomes RESOURCE_EXHAUSTED; 500, it passed responseTimeout, becomes INTERNAL.
+_WORKER_DIED = {grpc.StatusCode.RESOURCE_EXHAUSTED: 507, grpc.StatusCode.INTERNAL: 500}
 
 
 def error_from_rpc(err: grpc.RpcError, target: str, kind: str) -> ClientError:
@@ -64,6 +69,11 @@ def error_from_rpc(err: grpc.RpcError, target: str, kind: str) -> ClientError:
         return ClientError(
             f"gRPC call to {target} passed its deadline; raise --timeout or lower --concurrency"
         )
+    if code in _WORKER_DIED and details.startswith(WORKER_DIED_MESSAGE.rstrip(".")):
+        # details: "Worker died.\norg.pytorch.serve.http.InternalServerException"
+        message = details.split("\n")[0]
+        killed = code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        return WorkerDied(_WORKER_DIED[code], message, target, killed=killed)
     if code in _REJECTED:
         return RequestRejected(_REJECTED[code], code.name, details, target)
     return ServerError(500, f"{code.name}: {details}", target)
@@ -119,12 +129,15 @@ class GrpcClient:
         timeout: float = 30.0,
         retry: RetryPolicy | None = None,
         stubs: Stubs | None = None,
+        on_retry: RetryCallback | None = None,
     ) -> None:
+        """``on_retry(attempt, error, delay)`` is called before each retry (to count them)."""
         self.inference_target = inference_target
         self.management_target = management_target
         self.model_name = model_name
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
+        self.on_retry = on_retry
         self.stubs = stubs or load_stubs()
         self._tokens = {"inference": token, "management": management_token}
         # Channels are thread-safe and multiplex calls: one per service for the client's life.
@@ -150,7 +163,7 @@ class GrpcClient:
             except grpc.RpcError as err:
                 raise error_from_rpc(err, target, kind) from None
 
-        return call_with_retry(once, self.retry)
+        return call_with_retry(once, self.retry, on_retry=self.on_retry)
 
     def _request(
         self, image: bytes, output: str, model_version: str | None, stream: bool = False

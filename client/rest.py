@@ -1,7 +1,8 @@
 """REST client for segserve's TorchServe: predictions, health, and the management API.
 
 Each method maps HTTP failures to the typed errors of :mod:`client.errors`, and retries the
-retryable ones (connection refused, 502/503/504) with backoff. Every call here is idempotent
+retryable ones (connection refused, 502/503/504, and a 507 "Worker died." -- the worker was
+killed under the request -- a bounded number of times) with backoff. Every call here is idempotent
 (a prediction has no side effect), so retrying is safe. Sessions are per thread, so one client
 can be shared by a thread pool.
 
@@ -22,20 +23,25 @@ from typing import Any
 import requests
 
 from client.errors import (
+    WORKER_DIED_MESSAGE,
     AuthError,
     ClientError,
     RequestRejected,
     RetryableServerError,
     ServerError,
     ServerUnavailable,
+    WorkerDied,
 )
 from client.outputs import Prediction, check_output
-from client.retry import RetryPolicy, call_with_retry
+from client.retry import RetryCallback, RetryPolicy, call_with_retry
 from client.tokens import bearer
 
 DEFAULT_INFERENCE_URL = "http://127.0.0.1:8080"
 DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
 RETRYABLE_STATUS = (502, 503, 504)
+# TorchServe's "Worker died." statuses: 507 the worker was SIGKILLed (retried: the request was a
+# bystander), 500 it passed responseTimeout or crashed (not retried: it may be the cause).
+WORKER_KILLED_STATUS = 507
 # TorchServe answers a bad/missing token with this text (HTTP 400, InvalidKeyException).
 TOKEN_REFUSED = "Token Authori"
 
@@ -51,6 +57,11 @@ def error_from_response(resp: requests.Response, kind: str) -> ClientError:
         return AuthError(url.split("?")[0], kind, message)
     if resp.status_code in RETRYABLE_STATUS:
         return RetryableServerError(resp.status_code, message, url, _retry_after(resp))
+    if resp.status_code in (500, WORKER_KILLED_STATUS) and message.startswith(
+        WORKER_DIED_MESSAGE.rstrip(".")
+    ):
+        killed = resp.status_code == WORKER_KILLED_STATUS
+        return WorkerDied(resp.status_code, message, url, killed=killed)
     if 400 <= resp.status_code < 500:
         return RequestRejected(resp.status_code, str(body.get("type", "")), message, url)
     return ServerError(resp.status_code, message, url)
@@ -84,7 +95,9 @@ class RestClient:
         management_token: str | None = None,
         timeout: float = 30.0,
         retry: RetryPolicy | None = None,
+        on_retry: RetryCallback | None = None,
     ) -> None:
+        """``on_retry(attempt, error, delay)`` is called before each retry (to count them)."""
         self.inference_url = inference_url.rstrip("/")
         self.management_url = management_url.rstrip("/")
         self.model_name = model_name
@@ -92,6 +105,7 @@ class RestClient:
         self.management_token = management_token
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
+        self.on_retry = on_retry
         self._local = threading.local()
 
     def _session(self) -> requests.Session:
@@ -120,7 +134,7 @@ class RestClient:
                 raise error_from_response(resp, kind)
             return resp
 
-        return call_with_retry(once, self.retry)
+        return call_with_retry(once, self.retry, on_retry=self.on_retry)
 
     def ping(self) -> str:
         """TorchServe's health status (``"Healthy"``); raises ServerUnavailable when down."""

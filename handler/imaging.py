@@ -9,6 +9,9 @@ Decoding rules (:func:`decode_image`):
   decompression bomb costs a few hundred bytes of parsing, not gigabytes of memory.
 * EXIF orientation is applied: a phone photo is segmented the way it is displayed.
 * Multi-frame files (GIF, TIFF, MPO): the first frame.
+* Decode work is bounded too: a JPEG with more than ``MAX_JPEG_SCANS`` scans (progressive
+  files have about 10; thousands make libjpeg re-decode the whole picture each time) is
+  refused from its markers, before decoding.
 * Transparency is composited onto white (``ALPHA_BACKGROUND``); 16-bit grey keeps its top
   8 bits (Pillow's own conversion clips everything above 255 to white).
 
@@ -37,6 +40,12 @@ from handler.errors import InputError
 # Pillow plugins we let parse untrusted bytes (JPEG also opens MPO, what many phones write).
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 ALPHA_BACKGROUND = (255, 255, 255)
+# libjpeg's JPEG_MAX_DIMENSION: no JPEG can be wider or taller (PNG has no such limit).
+JPEG_MAX_DIMENSION = 65500
+# Scans (SOS segments) a JPEG may have. Baseline files have 1, progressive ones about 10 (up
+# to ~20 for odd encoders); each scan makes a progressive decode pass over the whole picture.
+MAX_JPEG_SCANS = 100
+_JPEG_STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xD9)])  # TEM, RSTn, SOI, EOI
 # Errors Pillow raises on a file whose header parses but whose pixel data is cut or corrupt.
 _CORRUPT_DATA_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError)
 # Signatures of things people upload by mistake, for a message better than "cannot identify".
@@ -65,6 +74,50 @@ def _describe_non_image(data: bytes) -> str:
     return "text, not image bytes"
 
 
+def jpeg_scan_count(data: bytes, stop_after: int = MAX_JPEG_SCANS) -> int:
+    """How many scans (SOS markers) a JPEG stream has, counting at most ``stop_after + 1``.
+
+    Walks the marker segments and skips entropy-coded data; cost is linear in the file size.
+    A stream that is not JPEG, or ends early, counts the scans seen so far.
+
+    >>> jpeg_scan_count(b"\\xff\\xd8" + b"\\xff\\xda\\x00\\x02" * 3 + b"\\xff\\xd9")
+    3
+    """
+    if not data.startswith(b"\xff\xd8"):
+        return 0
+    scans, pos, size = 0, 2, len(data)
+    while pos + 4 <= size and scans <= stop_after:
+        if data[pos] != 0xFF:
+            # Entropy-coded data: jump to the next marker (0xFF not followed by 0x00/RSTn/0xFF).
+            pos = data.find(b"\xff", pos + 1)
+            if pos < 0:
+                break
+            continue
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker == 0x00 or marker in _JPEG_STANDALONE_MARKERS:
+            if marker == 0xD9:  # EOI
+                break
+            pos += 2
+        else:
+            length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+            scans += marker == 0xDA
+            pos += 2 + max(length, 2)
+    return scans
+
+
+def _check_decode_cost(data: bytes, image_format: str | None) -> None:
+    if image_format in ("JPEG", "MPO"):
+        scans = jpeg_scan_count(data)
+        if scans > MAX_JPEG_SCANS:
+            raise InputError(
+                "decode_limit",
+                f"the JPEG has more than {MAX_JPEG_SCANS} scans (progressive JPEGs have about "
+                "10); each scan re-decodes the whole picture: re-encode it as a baseline JPEG",
+            )
+
+
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     """Parse only the header; refuse bombs before a single pixel is decoded."""
     Image.init()  # register every plugin, else `formats=` may not know WEBP/TIFF yet
@@ -87,6 +140,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             raise InputError(
                 "truncated", f"image header is corrupt ({exc}); re-encode the image"
             ) from None
+    _check_decode_cost(data, image.format)
     width, height = image.size
     if width <= 0 or height <= 0:
         raise InputError("bad_request", f"image has no pixels ({width}x{height})")

@@ -18,7 +18,7 @@ Example:
     >>> conf = np.array([[0.9, 0.7], [0.6, 0.8]], dtype=np.float32)
     >>> class_fractions(mask, 3).tolist()
     [0.5, 0.5, 0.0]
-    >>> [round(c, 2) for c in class_confidences(mask, conf, 3)[:2]]
+    >>> [round(float(c), 2) for c in class_confidences(mask, conf, 3)[:2]]
     [0.8, 0.7]
 """
 
@@ -31,7 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from handler.imaging import encode_color_png, encode_mask_png, encode_overlay
+from handler.errors import InputError
+from handler.imaging import (
+    JPEG_MAX_DIMENSION,
+    encode_color_png,
+    encode_mask_png,
+    encode_overlay,
+)
 from handler.metadata import ModelMetadata
 
 
@@ -99,6 +105,12 @@ def encode_output(
     if output == "overlay":
         return encode_overlay(rgb, mask, meta.palette, "PNG")
     if output == "overlay_jpeg":
+        if max(mask.shape) > JPEG_MAX_DIMENSION:
+            raise InputError(
+                "unencodable",
+                f"a JPEG cannot be {mask.shape[1]}x{mask.shape[0]} pixels (at most "
+                f"{JPEG_MAX_DIMENSION} per side): ask for output=overlay (PNG) or mask",
+            )
         return encode_overlay(rgb, mask, meta.palette, "JPEG")
     if output == "json":
         return json.dumps(json_body(mask, confidence, meta), separators=(",", ":")).encode()

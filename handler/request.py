@@ -16,7 +16,7 @@ overlay_jpeg, ``application/json`` → json), else ``mask``.
 Example:
     >>> req = parse_request({"data": b"\\x89PNG...", "output": b"color"}, headers={})
     >>> req.output, req.content_type, len(req.image)
-    ('color', 'image/png', 11)
+    ('color', 'image/png', 7)
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from handler.errors import InputError
+from handler.errors import InputError, quote_input
 
 OUTPUT_FORMATS = ("mask", "color", "overlay", "overlay_jpeg", "json")
 DEFAULT_OUTPUT = "mask"
@@ -72,7 +72,9 @@ def check_output(name: str, source: str) -> str:
     """``name`` normalised if it is a known format, else a 400 listing the valid ones."""
     output = name.strip().lower().replace("-", "_")
     if output not in OUTPUT_FORMATS:
-        raise InputError("bad_request", f"{source} {name!r} is not one of {list(OUTPUT_FORMATS)}")
+        raise InputError(
+            "bad_request", f"{source} {quote_input(name)} is not one of {list(OUTPUT_FORMATS)}"
+        )
     return output
 
 
@@ -98,7 +100,7 @@ def output_from_accept(accept: str) -> str | None:
             return ACCEPT_FORMATS[media]
     raise InputError(
         "bad_request",
-        f"Accept {accept!r} names nothing this model returns; use one of "
+        f"Accept {quote_input(accept)} names nothing this model returns; use one of "
         f"{sorted(k for k in ACCEPT_FORMATS if '*' not in k)} or send the field "
         f"'output' as one of {list(OUTPUT_FORMATS)}",
     )
@@ -146,6 +148,13 @@ def _from_json(payload: Any) -> bytes:
     )
 
 
+def _field_names(item: Mapping[str, Any], most: int = 8) -> str:
+    """The request's field names for a message: escaped, bounded in length and number."""
+    names = sorted(quote_input(k, limit=32) for k in item)
+    shown = ", ".join(names[:most])
+    return shown if len(names) <= most else f"{shown}, ... ({len(names)} fields)"
+
+
 def pick_image_bytes(item: Mapping[str, Any]) -> bytes:
     """The image bytes of a request item, whatever way they were sent."""
     keys = [k for k in IMAGE_KEYS if item.get(k) is not None]
@@ -154,8 +163,8 @@ def pick_image_bytes(item: Mapping[str, Any]) -> bytes:
         if len(others) != 1:
             raise InputError(
                 "empty",
-                f"no image in the request (fields: {sorted(item)}); send the image as the body, "
-                f"or as a multipart/gRPC field named one of {list(IMAGE_KEYS)}",
+                f"no image in the request (fields: {_field_names(item)}); send the image as the "
+                f"body, or as a multipart/gRPC field named one of {list(IMAGE_KEYS)}",
             )
         keys = others
     value = item[keys[0]]

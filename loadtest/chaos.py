@@ -5,13 +5,19 @@ archives from an export, starts one TorchServe per scenario on free ports, runs
 
 * **worker_kill**: a bounded threaded request loop; SIGKILL the worker mid-run. Checks that the
   failed requests are no more than those in flight at the kill, and measures the seconds to the
-  first success sent after the kill and to steady throughput again;
+  first success sent after the kill and to steady throughput again. Beside it, REST and gRPC
+  loops through the segserve client (which retries a killed worker's requests) must see no
+  failure: the report gives the raw failures and those left after the client's retries;
 * **overload**: ``job_queue_size`` small, a slow request holds the worker, a burst beyond the
   queue. Checks that the excess gets 503s *before* any accepted request completes (refused at
   once, not queued), that accepted requests succeed, and that a client retrying with backoff
   turns every 503 into a success;
 * **timeout**: one request slower than the archive's ``responseTimeout``. Checks that it fails
   with a 5xx in bounded time, that TorchServe restarts the worker and that it serves again;
+* **hostile_traffic** (:mod:`loadtest.hostile`): Locust's REST + gRPC users while a stream of
+  hostile requests (odd text in every field and header, a 70000 px wide overlay_jpeg, random
+  bytes, a PNG bomb) cycles. Checks 0 good-request failures, 0 worker restarts and that every
+  hostile answer is a 2xx or 4xx; measures the good requests' p95;
 
 then prints a report (requests, failures, in-flight bound, recovery seconds) and writes it to
 ``--out``. Exit status 0 when every check holds, 1 otherwise, 2 when the run could not start.
@@ -275,6 +281,70 @@ class TrafficLoop:
         return self.outcomes()
 
 
+class ClientSender:
+    """A :class:`TrafficLoop` ``request`` that goes through the segserve client (REST or gRPC)
+    with a retry policy, and counts the raw failures its retries absorbed.
+
+    ``retried`` lists one ``"<Error>: <message>"`` per retried attempt: what the user would
+    have seen without the client's retries.
+
+    Example:
+        >>> sender = ClientSender(info, "grpc", RetryPolicy(attempts=3))     # doctest: +SKIP
+        >>> TrafficLoop(info, images, 2, request=sender).start()            # doctest: +SKIP
+    """
+
+    def __init__(self, info: Any, protocol: str, policy: Any, model: str = "segmenter",
+                 timeout: float = 60.0) -> None:  # fmt: skip
+        from client.grpc_client import GrpcClient
+        from client.rest import RestClient
+
+        if protocol not in ("rest", "grpc"):
+            raise ValueError(f"protocol must be 'rest' or 'grpc', got {protocol!r}")
+        self.protocol = protocol
+        self.retried: list[str] = []
+        self._lock = threading.Lock()
+        common = {"model_name": model, "token": info.inference_key, "timeout": timeout}
+        if protocol == "rest":
+            self.client: Any = RestClient(
+                info.inference_url, retry=policy, on_retry=self._count, **common
+            )
+        else:
+            self.client = GrpcClient(
+                info.grpc_inference_target, retry=policy, on_retry=self._count, **common
+            )
+
+    def _count(self, attempt: int, error: Exception, delay: float) -> None:
+        with self._lock:
+            self.retried.append(f"{type(error).__name__}: {str(error)[:100]}")
+
+    def __call__(self, info: Any, image: bytes, model: str, **_: Any) -> Outcome:
+        from client.errors import ClientError
+
+        start = time.monotonic()
+        try:
+            content = self.client.predict(image).content
+        except ClientError as exc:
+            status = int(getattr(exc, "status", 0))
+            return Outcome(start, time.monotonic(), status, f"{type(exc).__name__}: {exc}"[:300])
+        if not content.startswith(b"\x89PNG"):
+            return Outcome(start, time.monotonic(), -1, "200 without a PNG mask")
+        return Outcome(start, time.monotonic(), 200)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def client_figures(sender: ClientSender, outcomes: Sequence[Outcome]) -> dict[str, Any]:
+    """What the user of the client saw (``failed``) and what its retries absorbed."""
+    return {
+        "requests": len(outcomes),
+        "failed": sum(not o.ok for o in outcomes),
+        "retried": len(sender.retried),
+        "retried_errors": sorted(set(sender.retried)),
+        "failure_messages": sorted({o.error[:120] for o in outcomes if not o.ok}),
+    }
+
+
 # --- figures (pure) -----------------------------------------------------------------------
 
 
@@ -370,9 +440,26 @@ def worker_kill(
     warmup_s: float = 4.0,
     after_s: float = 12.0,
     model: str = "segmenter",
+    client_concurrency: int = 2,
+    client_policy: Any = None,
 ) -> ScenarioResult:
-    """SIGKILL the (single) worker during a request loop; bound the failures, time recovery."""
+    """SIGKILL the (single) worker under request loops; bound the failures, time recovery.
+
+    Two kinds of traffic run together: a raw loop (``concurrency`` threads, plain requests,
+    no retry) whose failures are bounded and whose recovery is timed, and, per protocol,
+    ``client_concurrency`` threads through the segserve client with ``client_policy``, which
+    retries the killed batch's requests: its users must see no failure at all.
+    """
+    from client.retry import RetryPolicy
+
     old_pids = wait_workers_ready(info, model)
+    policy = client_policy or RetryPolicy(attempts=4, base_delay=0.2, max_delay=2.0)
+    protocols = ("rest", "grpc") if client_concurrency else ()
+    senders = [ClientSender(info, p, policy, model) for p in protocols]
+    client_loops = [
+        TrafficLoop(info, images, client_concurrency, model, request=sender).start()
+        for sender in senders
+    ]
     loop = TrafficLoop(info, images, concurrency, model).start()
     time.sleep(warmup_s)
     in_flight = loop.in_flight()
@@ -382,6 +469,12 @@ def worker_kill(
     time.sleep(after_s)
     new_pids = wait_workers_ready(info, model)
     outcomes = loop.stop()
+    client = {
+        s.protocol: client_figures(s, cl.stop())
+        for s, cl in zip(senders, client_loops, strict=True)
+    }
+    for sender in senders:
+        sender.close()
     failed = [o for o in outcomes if not o.ok]
     # The dead worker held at most one batch: its requests fail, the queue's wait and succeed.
     # (A request sent a few ms after the SIGKILL may still join that batch before the frontend
@@ -389,6 +482,7 @@ def worker_kill(
     bound = batch_size * len(old_pids)
     recovery = recovery_figures(outcomes, t_kill)
     back = t_kill + recovery["first_success_s"] if recovery["first_success_s"] else float("inf")
+    client_retried = sum(c["retried"] for c in client.values())
     figures = {
         **summarize(outcomes),
         "concurrency": concurrency,
@@ -399,6 +493,11 @@ def worker_kill(
         "failures_sent_after_kill": sum(1 for o in failed if o.start >= t_kill),
         "failure_messages": sorted({o.error[:120] for o in failed}),
         **recovery,
+        # Raw: requests that failed on the wire (the raw loop's, the client's retried attempts);
+        # after retries: what the client's users saw.
+        "raw_failures": len(failed) + client_retried,
+        "failures_after_client_retries": sum(c["failed"] for c in client.values()),
+        **{f"client_{protocol}": c for protocol, c in client.items()},
     }
     checks = {
         "worker restarted (new pid)": bool(new_pids) and not set(new_pids) & set(old_pids),
@@ -408,6 +507,10 @@ def worker_kill(
         "a request sent after the kill succeeded": figures["first_success_s"] is not None,
         "throughput back to steady state": figures["steady_s"] is not None,
     }
+    if client:
+        checks["0 failures through the client's retries (REST + gRPC)"] = figures[
+            "failures_after_client_retries"
+        ] == 0 and all(c["requests"] > 0 for c in client.values())
     return ScenarioResult("worker_kill", figures, checks)
 
 
@@ -529,9 +632,23 @@ def _start_server(export_dir: Path, work: Path, name: str, config: dict[str, str
         raise ChaosError(f"{name}: TorchServe did not start: {exc}") from None
 
 
-def run_all(export_dir: Path, work: Path, images: Sequence[bytes], kill_after_s: float = 12.0):
-    """Run the three scenarios, each on its own fresh TorchServe; returns their results."""
+def run_all(
+    export_dir: Path,
+    work: Path,
+    images: Sequence[bytes],
+    kill_after_s: float = 12.0,
+    hostile_s: float = 30.0,
+    out: Path | None = None,
+):
+    """Run the four scenarios, each on its own fresh TorchServe; returns their results.
+
+    ``out`` keeps the hostile scenario's Locust CSVs (default: under ``work``, deleted).
+    """
+    from loadtest import hostile
     from serving.server import stop
+
+    bad = hostile.rest_requests(images[0]) + hostile.grpc_requests(images[0])
+    locust_dir = (out or work) / "hostile_traffic"
 
     plans: list[tuple[str, dict, dict, Callable[[Any], ScenarioResult]]] = [
         (
@@ -551,6 +668,14 @@ def run_all(export_dir: Path, work: Path, images: Sequence[bytes], kill_after_s:
             {},
             {"batch_size": 1, "max_batch_delay_ms": 1, "response_timeout_s": 2},
             lambda info: response_timeout(info, images, timeout_s=2, sleep_s=8.0),
+        ),
+        (
+            "hostile_traffic",
+            {},
+            {"batch_size": 4, "max_batch_delay_ms": 20},
+            lambda info: hostile.hostile_traffic(
+                info, bad, duration_s=hostile_s, users=4, out_dir=locust_dir
+            ),
         ),
     ]
     results = []
@@ -587,6 +712,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--kill-after", type=float, default=12.0, help="seconds of traffic after the kill"
     )
+    parser.add_argument(
+        "--hostile-duration", type=float, default=30.0, help="seconds of hostile traffic"
+    )
     args = parser.parse_args(argv)
     if not (args.export_dir / "model.pt").is_file():
         print(
@@ -603,7 +731,14 @@ def main(argv: list[str] | None = None) -> int:
     images = load_images(None, n=8, size=(args.image_size, args.image_size))
     try:
         with tempfile.TemporaryDirectory(prefix="segserve-chaos-") as work:
-            results = run_all(args.export_dir.resolve(), Path(work), images, args.kill_after)
+            results = run_all(
+                args.export_dir.resolve(),
+                Path(work),
+                images,
+                args.kill_after,
+                args.hostile_duration,
+                out=out,
+            )
     except ChaosError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

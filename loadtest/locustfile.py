@@ -10,6 +10,12 @@ Custom options (also in Locust's web UI): --grpc-host, --model-name, --rest-weig
 --image-size, --output {mask,color,overlay,overlay_jpeg,json}, --key-file, --token,
 --request-timeout.
 Every request is one image; the stats' request types are ``POST`` (REST) and ``grpc``.
+
+Like the segserve client, a user retries once a request whose worker was killed under it
+(HTTP 507 / gRPC RESOURCE_EXHAUSTED "Worker died.": :data:`client.retry.WORKER_DIED_ONLY`),
+and nothing else: a 503 or a timed-out worker still counts. The failed attempt is reported
+under ``<name>: worker died (retried)`` (a raw failure, which ``loadtest.slo`` reports apart);
+the request's own entry then times the whole request, retry included.
 """
 
 from __future__ import annotations
@@ -21,10 +27,13 @@ from pathlib import Path
 from locust import HttpUser, User, between, events, task
 from locust.env import Environment
 
-from client.errors import ClientError
+from client.errors import ClientError, WorkerDied
 from client.outputs import OUTPUT_FORMATS
+from client.rest import error_from_response
+from client.retry import WORKER_DIED_ONLY
 from client.tokens import resolve_token
 from loadtest.images import ImageSourceError, load_images
+from loadtest.slo import RETRIED_SUFFIX
 
 GRPC_REQUEST_TYPE = "grpc"
 REST_NAME = "predict"
@@ -81,6 +90,12 @@ def _auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+def _retried(error: ClientError | None, worker_deaths: int, attempt: int) -> bool:
+    """Whether the Locust users send a request again after ``error`` (at ``attempt``)."""
+    policy = WORKER_DIED_ONLY
+    return error is not None and attempt < policy.attempts and policy.allows(error, worker_deaths)
+
+
 class RestUser(HttpUser):
     """POST /predictions/<model> with the image and output as multipart fields."""
 
@@ -89,7 +104,27 @@ class RestUser(HttpUser):
     @task
     def predict(self) -> None:
         image = random.choice(IMAGES)
-        with self.client.post(
+        start = time.perf_counter()
+        delays = WORKER_DIED_ONLY.delays()
+        deaths = 0
+        for attempt in range(1, WORKER_DIED_ONLY.attempts + 1):
+            with self._post(image) as resp:
+                error = error_from_response(resp, "inference") if resp.status_code >= 400 else None
+                deaths += isinstance(error, WorkerDied) and error.killed
+                if not _retried(error, deaths, attempt):
+                    # The user's view: the whole request, a retried attempt's time included.
+                    resp.request_meta["response_time"] = (time.perf_counter() - start) * 1000.0
+                    if resp.status_code != 200:
+                        resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
+                    elif not resp.content:
+                        resp.failure("empty answer")
+                    return
+                resp.request_meta["name"] = REST_NAME + RETRIED_SUFFIX
+                resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
+            time.sleep(next(delays))  # gevent-patched: other users run meanwhile
+
+    def _post(self, image: bytes):  # type: ignore[no-untyped-def]
+        return self.client.post(
             f"/predictions/{SETTINGS['model']}",
             files={"data": ("image", image, "application/octet-stream")},
             data={"output": SETTINGS["output"]},
@@ -97,11 +132,7 @@ class RestUser(HttpUser):
             name=REST_NAME,
             timeout=self.environment.parsed_options.request_timeout,
             catch_response=True,
-        ) as resp:
-            if resp.status_code != 200:
-                resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
-            elif not resp.content:
-                resp.failure("empty answer")
+        )
 
 
 class GrpcUser(User):
@@ -111,17 +142,31 @@ class GrpcUser(User):
 
     def on_start(self) -> None:
         from client.grpc_client import GrpcClient
-        from client.retry import NO_RETRY
 
         opts = self.environment.parsed_options
-        # No retries: a load test must count failures, not hide them.
+        # Only a killed worker's requests are retried, each reported as a raw failure: a load
+        # test must count failures, not hide them.
         self.grpc = GrpcClient(
             opts.grpc_host,
             model_name=str(SETTINGS["model"]),
             token=SETTINGS.get("token"),  # type: ignore[arg-type]
-            retry=NO_RETRY,
+            retry=WORKER_DIED_ONLY,
             timeout=opts.request_timeout,
+            on_retry=self._report_retried,
         )
+        self._attempt_start = time.perf_counter()
+
+    def _report_retried(self, attempt: int, error: ClientError, delay: float) -> None:
+        now = time.perf_counter()
+        self.environment.events.request.fire(
+            request_type=GRPC_REQUEST_TYPE,
+            name=GRPC_NAME + RETRIED_SUFFIX,
+            response_time=(now - self._attempt_start) * 1000.0,
+            response_length=0,
+            exception=error,
+            context={},
+        )
+        self._attempt_start = now + delay
 
     def on_stop(self) -> None:
         self.grpc.close()
@@ -129,7 +174,7 @@ class GrpcUser(User):
     @task
     def predict(self) -> None:
         image = random.choice(IMAGES)
-        start = time.perf_counter()
+        start = self._attempt_start = time.perf_counter()
         length, exception = 0, None
         try:
             length = len(self.grpc.predict(image, output=str(SETTINGS["output"])).content)

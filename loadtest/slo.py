@@ -4,6 +4,12 @@ Inputs are the files ``locust --csv PREFIX --csv-full-history`` writes: ``PREFIX
 (whole-run totals per request name) and ``PREFIX_stats_history.csv`` (one row per second).
 Requests of type ``grpc`` are the gRPC protocol; every other type (``POST``) is REST.
 
+The Locust users retry, once, a request whose worker was killed under it (HTTP 507 / gRPC
+RESOURCE_EXHAUSTED "Worker died."), as the segserve client does. The failed attempt is reported
+under its own name, ``<name>: worker died (retried)`` (:data:`RETRIED_SUFFIX`): those rows are
+*raw* failures the user never saw. They are left out of the SLO figures and reported apart
+(``Summary.retried``), so a report shows both the raw failures and the user-visible ones.
+
 Default SLO (interactive use, one image per request): p95 latency <= 300 ms and error rate
 <= 1 %, checked for each protocol *and* the total. Locust stores latencies in buckets (2
 significant digits above 100 ms), so a p95 of 296 ms may be reported as 300.
@@ -25,6 +31,8 @@ from typing import Any
 
 GRPC_TYPE = "grpc"
 TOTAL = "total"
+# Name suffix of a failed attempt the user did not see because it was retried (locustfile.py).
+RETRIED_SUFFIX = ": worker died (retried)"
 
 
 class ReportError(ValueError):
@@ -57,10 +65,16 @@ class Summary:
     p99_ms: float
     rps: float
     avg_bytes: float
+    retried: int = 0  # failed attempts absorbed by a retry: not in requests or failures
 
     @property
     def error_rate(self) -> float:
         return self.failures / self.requests if self.requests else 0.0
+
+    @property
+    def raw_failures(self) -> int:
+        """Failures before the retries: the user-visible ones plus the retried attempts."""
+        return self.failures + self.retried
 
 
 @dataclass(frozen=True)
@@ -74,6 +88,11 @@ class Check:
 
 def protocol_of(request_type: str) -> str:
     return "grpc" if request_type == GRPC_TYPE else "rest"
+
+
+def is_retried(row: dict[str, str]) -> bool:
+    """A row of failed attempts that a retry turned into a later answer (not user-visible)."""
+    return row.get("Name", "").endswith(RETRIED_SUFFIX)
 
 
 def _num(row: dict[str, str], key: str) -> float:
@@ -91,38 +110,62 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def _summary(protocol: str, rows: list[dict[str, str]]) -> Summary:
-    """Combine rows; with several names per protocol, percentiles take the worst (upper bound)."""
-    requests = sum(int(_num(r, "Request Count")) for r in rows)
+def _summary(
+    protocol: str,
+    rows: list[dict[str, str]],
+    subtract: list[dict[str, str]] | None = None,
+    retried: int = 0,
+) -> Summary:
+    """Combine rows; with several names per protocol, percentiles take the worst (upper bound).
+
+    ``subtract``: rows that ``rows`` already count (Locust's ``Aggregated`` row holds the
+    retried attempts) to take out of the counts, rate and bytes; its percentiles keep those
+    few attempts. ``retried``: how many retried attempts this scope had.
+    """
+    subtract = subtract or []
+
+    def total(key: str, which: list[dict[str, str]]) -> float:
+        return sum(_num(r, key) for r in which)
+
+    def size(which: list[dict[str, str]]) -> float:
+        return sum(_num(r, "Average Content Size") * _num(r, "Request Count") for r in which)
+
+    requests = int(total("Request Count", rows) - total("Request Count", subtract))
     return Summary(
         protocol=protocol,
         requests=requests,
-        failures=sum(int(_num(r, "Failure Count")) for r in rows),
+        failures=int(total("Failure Count", rows) - total("Failure Count", subtract)),
         p50_ms=max(_num(r, "50%") for r in rows),
         p95_ms=max(_num(r, "95%") for r in rows),
         p99_ms=max(_num(r, "99%") for r in rows),
-        rps=sum(_num(r, "Requests/s") for r in rows),
-        avg_bytes=sum(_num(r, "Average Content Size") * int(_num(r, "Request Count")) for r in rows)
-        / max(requests, 1),
+        rps=total("Requests/s", rows) - total("Requests/s", subtract),
+        avg_bytes=(size(rows) - size(subtract)) / max(requests, 1),
+        retried=retried,
     )
 
 
 def summarise(stats_csv: Path) -> dict[str, Summary]:
-    """``{"rest": ..., "grpc": ..., "total": ...}`` from ``PREFIX_stats.csv`` (protocols seen)."""
+    """``{"rest": ..., "grpc": ..., "total": ...}`` from ``PREFIX_stats.csv`` (protocols seen).
+
+    Retried attempts (:data:`RETRIED_SUFFIX`) are counted in ``Summary.retried`` only.
+    """
     rows = read_rows(stats_csv)
     if not rows:
         raise ReportError(f"{stats_csv} has no rows: Locust stopped before any request")
     total = [r for r in rows if r.get("Name") == "Aggregated"]
     if not total:
         raise ReportError(f"{stats_csv} has no 'Aggregated' row: not a Locust stats CSV")
+    named = [r for r in rows if r.get("Name") != "Aggregated"]
+    retried = [r for r in named if is_retried(r)]
     out: dict[str, Summary] = {}
     for protocol in ("rest", "grpc"):
-        mine = [
-            r for r in rows if r.get("Name") != "Aggregated" and protocol_of(r["Type"]) == protocol
-        ]
-        if mine:
-            out[protocol] = _summary(protocol, mine)
-    out[TOTAL] = _summary(TOTAL, total)
+        mine = [r for r in named if protocol_of(r["Type"]) == protocol]
+        answered = [r for r in mine if not is_retried(r)]
+        if answered:
+            again = sum(int(_num(r, "Request Count")) for r in mine if is_retried(r))
+            out[protocol] = _summary(protocol, answered, retried=again)
+    count = sum(int(_num(r, "Request Count")) for r in retried)
+    out[TOTAL] = _summary(TOTAL, total, subtract=retried, retried=count)
     return out
 
 
@@ -149,6 +192,8 @@ def read_history(history_csv: Path) -> dict[str, dict[str, list[float]]]:
     t0 = min(int(r["Timestamp"]) for r in rows)
     series: dict[str, dict[str, list[float]]] = {}
     for r in rows:
+        if is_retried(r):
+            continue
         scope = TOTAL if r["Name"] == "Aggregated" else protocol_of(r["Type"])
         s = series.setdefault(scope, {k: [] for k in ("t", "rps", "p50", "p95", "users")})
         s["t"].append(int(r["Timestamp"]) - t0)
@@ -205,6 +250,19 @@ def render_markdown(
             f"| {s.protocol} | {s.requests} | {s.failures} | {s.error_rate:.2%} | {s.p50_ms:g} | "
             f"{s.p95_ms:g} | {s.p99_ms:g} | {s.rps:.2f} | {s.avg_bytes:.0f} |"
         )
+    if any(s.retried for s in summaries.values()):
+        lines += [
+            "",
+            "Raw failures include the attempts whose worker was killed under them; one retry "
+            "answered those, so the user never saw them (left out of the figures above).",
+            "",
+            "| scope | raw failures | worker died, retried | user-visible failures |",
+            "|---|---:|---:|---:|",
+            *(
+                f"| {s.protocol} | {s.raw_failures} | {s.retried} | {s.failures} |"
+                for s in summaries.values()
+            ),
+        ]
     lines += ["", "| scope | check | value | limit | result |", "|---|---|---:|---:|---|"]
     for c in checks:
         lines.append(
@@ -250,7 +308,8 @@ def write_report(csv_prefix: Path, out_dir: Path, slo: Slo, meta: dict[str, Any]
         "slo": asdict(slo),
         "passed": all(c.passed for c in checks),
         "summaries": {
-            k: _finite({**asdict(v), "error_rate": v.error_rate}) for k, v in summaries.items()
+            k: _finite({**asdict(v), "error_rate": v.error_rate, "raw_failures": v.raw_failures})
+            for k, v in summaries.items()
         },
         "checks": [_finite(asdict(c)) for c in checks],
         "meta": meta,

@@ -295,6 +295,10 @@ def _launch(config_file: Path, props: dict[str, str], workdir: Path, log_dir: Pa
         LOG_LOCATION=str(log_dir),
         METRICS_LOCATION=str(log_dir),
     )
+    if props.get("max_response_size"):
+        # Workers inherit the frontend's environment: this is how the handler learns the
+        # limit past which the frontend would drop its whole batch (it answers a 413 instead).
+        env["TS_MAX_RESPONSE_SIZE"] = props["max_response_size"]
     launcher = Path(sys.executable).with_name("torchserve")
     cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "ts.model_server"]
     cmd += ["--start", "--foreground", "--ncs", "--ts-config", str(config_file)]

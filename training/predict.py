@@ -9,7 +9,7 @@ Example:
     >>> predictor = Predictor.from_export(Path("runs/default/export"))  # doctest: +SKIP
     >>> mask, confidence = predictor.predict_file(Path("street.jpg"))  # doctest: +SKIP
     >>> mask.shape == confidence.shape, mask.dtype, confidence.dtype  # doctest: +SKIP
-    (True, dtype('int64'), dtype('float32'))
+    (True, dtype('uint8'), dtype('float32'))
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class PredictError(ValueError):
 def segment(
     model: Model, images: Sequence[np.ndarray], spec: PreprocessSpec, device: str = "cpu"
 ) -> list[Prediction]:
-    """RGB uint8 images → (mask int64, confidence float32) at each image's own size.
+    """RGB uint8 images → (class-id mask, confidence float32) at each image's own size.
 
     Images whose prepared tensors pad to the same size share one forward; others get their
     own, so every image is padded exactly as it would be alone (under the ``pad`` policy the
@@ -119,7 +119,8 @@ class Predictor:
         return self.metadata.class_names
 
     def predict(self, image: np.ndarray) -> Prediction:
-        """RGB uint8 ``(H, W, 3)`` → (mask ``(H, W)`` int64, confidence ``(H, W)`` float32)."""
+        """RGB uint8 ``(H, W, 3)`` → (mask ``(H, W)``, confidence ``(H, W)`` float32); the mask
+        is uint8 up to 256 classes (``handler.preprocessing.mask_dtype``)."""
         return self.predict_batch([image])[0]
 
     def predict_batch(self, images: list[np.ndarray]) -> list[Prediction]:

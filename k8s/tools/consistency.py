@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
+import urllib.parse
 from pathlib import Path
 
 import yaml
@@ -24,6 +26,22 @@ from k8s.tools.render import find, object_name
 KUBE_STATE_METRICS = frozenset({"kube_pod_container_status_restarts_total"})
 # config.properties keys TorchServe accepts as TS_<KEY> environment variables.
 DEFAULT_RESPONSE_TIMEOUT_S = 120
+# MODEL_SHA256 in k8s/base until an overlay pins the archive: validation accepts it (the example
+# overlays cannot know your digest), deploy.py and fetch_model.py refuse it. fetch_model.py spells
+# it too (stdlib only, it cannot import this); tests/k8s/test_fetch_model.py holds them equal.
+SHA256_PLACEHOLDER = "REPLACE_WITH_SHA256_OF_THE_MAR"
+MODEL_SOURCE = "segserve-model-source"
+FETCH_SCHEMES = ("https", "file", "s3")
+# The only egress the serving pods need: cluster DNS, and HTTPS to the model store.
+KUBE_DNS = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+    "podSelector": {
+        "matchExpressions": [{"key": "k8s-app", "operator": "In", "values": ["kube-dns"]}]
+    },
+}
+DNS_PORTS = [(53, "TCP"), (53, "UDP")]
+HTTPS_PORTS = [(443, "TCP")]
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def exported_metric_names(metrics_config: dict) -> list[str]:
@@ -65,6 +83,21 @@ def check_envvars_enabled(props: dict[str, str], container: dict) -> list[str]:
         return [
             f"config.properties: the pod overrides {', '.join(ts_env)} but TorchServe ignores "
             "TS_* variables unless config.properties sets enable_envvars_config=true; add it"
+        ]
+    return []
+
+
+def check_response_limit(props: dict[str, str], container: dict) -> list[str]:
+    """The handler answers 413 above ``max_response_size`` instead of letting the frontend
+    drop its whole batch, but it can only learn the limit from the environment it inherits:
+    the pod must set TS_MAX_RESPONSE_SIZE, equal to config.properties (the one source)."""
+    want = props.get("max_response_size")
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    if want and env.get("TS_MAX_RESPONSE_SIZE") != want:
+        return [
+            f"torchserve container: env TS_MAX_RESPONSE_SIZE is "
+            f"{env.get('TS_MAX_RESPONSE_SIZE')!r}, config.properties max_response_size is "
+            f"{want!r}; set the env to the same value (the handler reads it)"
         ]
     return []
 
@@ -291,3 +324,162 @@ def load_json(path: Path) -> dict:
 
 def load_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
+
+
+def _model_source(objects: list[dict]) -> dict | None:
+    """The ConfigMap the fetch-model init container reads (kustomize adds a hash suffix)."""
+    for obj in objects:
+        name = obj["metadata"]["name"]
+        if obj["kind"] == "ConfigMap" and (name == MODEL_SOURCE or name.startswith(MODEL_SOURCE)):
+            return obj
+    return None
+
+
+def placeholder_pins(objects: list[dict]) -> list[str]:
+    """Objects whose MODEL_SHA256 is still the base's placeholder (deploy.py refuses them)."""
+    cm = _model_source(objects)
+    pin = (cm or {}).get("data", {}).get("MODEL_SHA256", "").strip()
+    return [object_name(cm)] if cm is not None and pin == SHA256_PLACEHOLDER else []
+
+
+def check_model_source(objects: list[dict]) -> list[str]:
+    """MODEL_URL/MANIFEST_URL use a scheme fetch_model.py accepts; MODEL_SHA256 is a digest (or
+    the placeholder); the init container reads that ConfigMap and passes the pin."""
+    deployment = find(objects, "Deployment", "segserve")
+    pod = deployment["spec"]["template"]["spec"]
+    init = next((c for c in pod.get("initContainers", []) if c["name"] == "fetch-model"), None)
+    if init is None:  # the baked-image variant (k8s/README.md): nothing is downloaded
+        return []
+    cm = _model_source(objects)
+    if cm is None:
+        return [f"{object_name(deployment)}: fetch-model has no ConfigMap {MODEL_SOURCE}"]
+    name, data = object_name(cm), cm.get("data", {})
+    problems = []
+    for key in ("MODEL_URL", "MANIFEST_URL"):
+        url = data.get(key, "")
+        if (url or key == "MODEL_URL") and urllib.parse.urlparse(url).scheme not in FETCH_SCHEMES:
+            problems.append(
+                f"{name}: {key}={url!r}: fetch_model.py accepts only https://, file://, s3:// "
+                "(http:// is refused)"
+            )
+    pin = data.get("MODEL_SHA256", "").strip()
+    if pin != SHA256_PLACEHOLDER and not re.fullmatch(r"[0-9a-fA-F]{64}", pin):
+        problems.append(
+            f"{name}: MODEL_SHA256={pin!r} is neither a sha256 hex digest nor the placeholder "
+            f"{SHA256_PLACEHOLDER}: the init container refuses to start without a pin"
+        )
+    command = init.get("command", []) + init.get("args", [])
+    refs = [e.get("configMapRef", {}).get("name") for e in init.get("envFrom", [])]
+    if "--sha256" not in command or command[command.index("--sha256") + 1] != "$(MODEL_SHA256)":
+        problems.append(
+            f"{object_name(deployment)}: fetch-model must pass --sha256 $(MODEL_SHA256)"
+        )
+    if cm["metadata"]["name"] not in refs:
+        problems.append(f"{object_name(deployment)}: fetch-model must envFrom {name}")
+    return problems
+
+
+def _selects(policy: dict, labels: dict[str, str]) -> bool:
+    """Whether ``policy`` may select pods with ``labels`` (matchExpressions count as yes, so their
+    rules are checked rather than ignored)."""
+    selector = policy["spec"].get("podSelector") or {}
+    wanted = selector.get("matchLabels") or {}
+    return bool(selector.get("matchExpressions")) or all(
+        labels.get(k) == v for k, v in wanted.items()
+    )
+
+
+def _policy_types(policy: dict) -> list[str]:
+    spec = policy["spec"]
+    return spec.get("policyTypes") or ["Ingress"] + (["Egress"] if "egress" in spec else [])
+
+
+def _ports(rule: dict) -> list[tuple]:
+    return sorted((p.get("port"), p.get("protocol", "TCP")) for p in rule.get("ports", []))
+
+
+def check_egress(objects: list[dict], pod_labels: dict[str, str], pods: str) -> list[str]:
+    """Some NetworkPolicy limits the egress of the serving pods, and every egress rule that
+    applies to them is DNS to named peers (53 UDP+TCP, never to anywhere: port 53 would be a
+    tunnel out) or HTTPS (443/TCP, any destination; narrowing it is up to the cluster)."""
+    limiting = [
+        o
+        for o in objects
+        if o["kind"] == "NetworkPolicy" and _selects(o, pod_labels) and "Egress" in _policy_types(o)
+    ]
+    if not limiting:
+        return [
+            f"{pods}: no NetworkPolicy limits the egress of its pods {pod_labels}: a compromised "
+            "worker could reach anything (allow only DNS and HTTPS, k8s/base/networkpolicy.yaml)"
+        ]
+    problems = []
+    for policy in limiting:
+        for i, rule in enumerate(policy["spec"].get("egress") or []):
+            ports = _ports(rule)
+            peers = rule.get("to") or []
+            # kustomize's labels(includeSelectors) add the serving pods' own labels to every
+            # matchLabels under egress.to: the DNS peer then matches no DNS pod at all.
+            polluted = [
+                p
+                for p in peers
+                if pod_labels
+                and pod_labels.items()
+                <= (p.get("podSelector", {}).get("matchLabels") or {}).items()
+            ]
+            if polluted:
+                problems.append(
+                    f"{object_name(policy)}: egress rule {i} peer {polluted[0]} carries the "
+                    "serving pods' own labels (kustomize adds them to matchLabels); use "
+                    "matchExpressions"
+                )
+            anywhere = not peers or any(
+                p.get("ipBlock", {}).get("cidr") in ("0.0.0.0/0", "::/0") for p in peers
+            )
+            if ports == HTTPS_PORTS or (ports == DNS_PORTS and not anywhere):
+                continue
+            problems.append(
+                f"{object_name(policy)}: egress rule {i} allows {ports or 'every port'} to "
+                f"{rule.get('to') or 'anywhere'}; serving pods need only DNS (53 UDP+TCP, to the "
+                "cluster DNS pods) and HTTPS (443/TCP) for the model download"
+            )
+    return problems
+
+
+def _host(address: str) -> str:
+    """Host of a TorchServe address: ``http://127.0.0.1:8081`` or a bare gRPC ``127.0.0.1``."""
+    if "//" not in address:
+        return address
+    return urllib.parse.urlparse(address).hostname or address
+
+
+def check_kserve_management(isvc: dict, file_cfg: dict[str, str]) -> list[str]:
+    """KServe: TorchServe's management API (REST and gRPC) listens on loopback only, pinned by
+    TS_* env in the InferenceService; the config file KServe's wrapper reads agrees with it."""
+    name = object_name(isvc)
+    model = isvc["spec"]["predictor"].get("model", {})
+    env = {e["name"]: e.get("value") for e in model.get("env", [])}
+    problems = []
+    if file_cfg.get("enable_envvars_config", "false").lower() != "true":
+        problems.append(f"{name}: the KServe config must set enable_envvars_config=true")
+    for key in ("management_address", "grpc_management_address"):
+        var = f"TS_{key.upper()}"
+        if var not in env:
+            problems.append(
+                f"{name}: predictor.model.env has no {var}: management would bind whatever the "
+                "uploaded config says (set it to loopback, see k8s/README.md KServe)"
+            )
+            continue
+        if _host(env[var]) not in LOOPBACK:
+            problems.append(
+                f"{name}: {var}={env[var]} exposes TorchServe's management API, which has no "
+                "authentication here (disable_token_authorization=true); bind it to 127.0.0.1"
+            )
+    for key in ("inference_address", "management_address"):
+        var = f"TS_{key.upper()}"
+        if var in env and file_cfg.get(key) != env[var]:
+            problems.append(
+                f"{name}: {var}={env[var]} but the KServe config says {key}="
+                f"{file_cfg.get(key)}; KServe's wrapper reads the file, TorchServe the env: "
+                "make them equal"
+            )
+    return problems

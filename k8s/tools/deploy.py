@@ -4,7 +4,8 @@ Steps: render the overlay (kustomize, LoadRestrictionsNone) -> server-side apply
 (field manager ``segserve-deploy``; Namespace first) -> wait until the Deployment's rollout is
 complete -> ``kubectl port-forward`` to the Service -> one smoke prediction (a generated PNG
 unless ``--image`` is given) -> stop the port-forward. ``--dry-run`` prints the plan and the
-objects and touches nothing.
+objects and touches nothing. An overlay whose MODEL_SHA256 is still the base's placeholder is
+refused before anything is applied (its pods could never start).
 
 Example:
     python k8s/tools/deploy.py --overlay gpu --image-ref registry.example.com/segserve:0.1.0-gpu
@@ -25,6 +26,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `k8s.tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from k8s.tools.consistency import SHA256_PLACEHOLDER, placeholder_pins  # noqa: E402
 from k8s.tools.render import OVERLAYS_DIR, object_name, render_overlay  # noqa: E402
 from k8s.tools.toolchain import require  # noqa: E402
 
@@ -251,6 +253,15 @@ def main(argv: list[str] | None = None) -> int:
             raise DeployError("--image-ref: no container uses the segserve image in this overlay")
         for i, step in enumerate(plan(target, objects), 1):
             print(f"{i:2d}. {step}")
+        # The pods would sit in Init:Error: fetch_model.py refuses the placeholder pin.
+        if unpinned := placeholder_pins(objects):
+            message = (
+                f"{', '.join(unpinned)}: MODEL_SHA256 is still {SHA256_PLACEHOLDER}; pin the "
+                "archive's digest in the overlay's segserve-model-source (k8s/README.md step 2)"
+            )
+            if not args.dry_run:
+                raise DeployError(message)
+            print(f"warning: {message}")
         if args.dry_run:
             return 0
         apply_objects(objects, args.context)

@@ -3,7 +3,8 @@
 1. ``kubectl kustomize --load-restrictor LoadRestrictionsNone`` renders each overlay.
 2. Every object is validated strictly (kubernetes-validate for built-in kinds, the vendored CRD
    schemas for ServiceMonitor, PrometheusRule, InferenceService).
-3. The manifests are held to config.properties, handler/metrics.yaml and the security baseline
+3. The manifests are held to config.properties (and the KServe overlay to kserve.properties),
+   handler/metrics.yaml, the security baseline, the model pin and the egress policy
    (``consistency.py``).
 4. ``promtool check rules`` + ``promtool test rules`` on the PrometheusRule (tests in
    ``tests/k8s/promtool/``); adapter and dashboard PromQL parsed by promtool.
@@ -33,23 +34,39 @@ from k8s.tools.promrules import (  # noqa: E402
     rules_from_prometheusrule,
 )
 from k8s.tools.properties import load_properties  # noqa: E402
-from k8s.tools.render import RenderError, find, overlays, render_overlay  # noqa: E402
+from k8s.tools.render import RenderError, find, object_name, overlays, render_overlay  # noqa: E402
 from k8s.tools.schemas import DEFAULT_K8S_VERSION, validate_object  # noqa: E402
 from k8s.tools.toolchain import REPO  # noqa: E402
 
 MONITORING = Path("k8s/components/monitoring")
+# The lines KServe's config.properties adds to the root one (k8s/README.md "KServe").
+KSERVE_PROPERTIES = "kserve.properties"
 
 
-def check_overlay_objects(objects: list[dict], repo: Path, k8s_version: str) -> list[str]:
-    """All checks of one rendered overlay."""
+def check_overlay_objects(
+    objects: list[dict], repo: Path, k8s_version: str, overlay: Path | None = None
+) -> list[str]:
+    """All checks of one rendered overlay (``overlay``: its folder, for kserve.properties)."""
     problems = [p for obj in objects for p in validate_object(obj, k8s_version)]
     props = load_properties(repo / "config.properties")
     adapter = cc.load_yaml(repo / MONITORING / "prometheus-adapter-values.yaml")
+    for isvc in (o for o in objects if o["kind"] == "InferenceService"):
+        extra = overlay / KSERVE_PROPERTIES if overlay else None
+        if extra is None or not extra.is_file():
+            problems.append(f"{object_name(isvc)}: no {KSERVE_PROPERTIES} next to it")
+            continue
+        problems += cc.check_kserve_management(isvc, props | load_properties(extra))
+        labels = {"serving.kserve.io/inferenceservice": isvc["metadata"]["name"]}
+        problems += cc.check_egress(objects, labels, object_name(isvc))
     if any(o["kind"] == "Deployment" for o in objects):
         deployment = find(objects, "Deployment", "segserve")
+        labels = deployment["spec"]["template"]["metadata"].get("labels", {})
+        problems += cc.check_model_source(objects)
+        problems += cc.check_egress(objects, labels, object_name(deployment))
         container = cc.torchserve_container(deployment)
         cfg = cc.effective_config(props, container)
         problems += cc.check_envvars_enabled(props, container)
+        problems += cc.check_response_limit(props, container)
         problems += cc.check_ports(objects, cfg)
         problems += cc.check_probes_and_auth(deployment, cfg)
         problems += cc.check_termination(deployment, cfg, cc.DEFAULT_RESPONSE_TIMEOUT_S)
@@ -103,7 +120,8 @@ def validate_repo(repo: Path = REPO, k8s_version: str = DEFAULT_K8S_VERSION) -> 
         except RenderError as exc:
             problems.append(f"{label}: {exc}")
             continue
-        problems += [f"{label}: {p}" for p in check_overlay_objects(objects, repo, k8s_version)]
+        checked = check_overlay_objects(objects, repo, k8s_version, overlay)
+        problems += [f"{label}: {p}" for p in checked]
         print(f"{label}: {len(objects)} objects rendered and checked", file=sys.stderr)
     return problems
 

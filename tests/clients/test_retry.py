@@ -1,4 +1,8 @@
-"""Retry/backoff and HTTP error mapping, against a real local HTTP server in a thread."""
+"""Retry/backoff and HTTP/gRPC error mapping, against a real local HTTP server in a thread.
+
+A killed worker's requests (507 "Worker died.") are retried, a bounded number of times; a timed
+out worker's (500 "Worker died.") are not. The real server's answers: tests/resilience.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import grpc
 import pytest
 
 from client.errors import (
@@ -18,9 +23,11 @@ from client.errors import (
     RequestRejected,
     RetryableServerError,
     ServerUnavailable,
+    WorkerDied,
 )
+from client.grpc_client import error_from_rpc
 from client.rest import RestClient
-from client.retry import RetryPolicy, call_with_retry
+from client.retry import WORKER_DIED_ONLY, RetryPolicy, call_with_retry
 
 FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02, jitter=0.0)
 
@@ -177,3 +184,91 @@ def test_non_retryable_error_is_raised_at_once() -> None:
 def test_policy_rejects_bad_values(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         RetryPolicy(**kwargs)
+
+
+WORKER_DIED = {"code": 507, "type": "InternalServerException", "message": "Worker died."}
+OK_PING = (200, {"status": "Healthy"}, {})
+
+
+def test_a_killed_workers_request_is_retried_once_and_counted(server: tuple[str, Script]) -> None:
+    """507 "Worker died." (TorchServe's answer to a SIGKILLed worker's batch) is retried."""
+    url, script = server
+    script.answers = [(507, WORKER_DIED, {}), OK_PING]
+    seen: list[tuple[int, str, bool]] = []
+    client = RestClient(
+        url, url, retry=FAST, on_retry=lambda a, e, d: seen.append((a, type(e).__name__, e.killed))
+    )
+    assert client.ping() == "Healthy"
+    assert len(script.seen) == 2 and seen == [(1, "WorkerDied", True)]
+
+
+def test_worker_deaths_are_retried_at_most_worker_died_retries_times(
+    server: tuple[str, Script],
+) -> None:
+    url, script = server
+    script.answers = [(507, WORKER_DIED, {})]
+    policy = RetryPolicy(attempts=5, base_delay=0.01, jitter=0.0, worker_died_retries=1)
+    with pytest.raises(WorkerDied) as info:
+        RestClient(url, url, retry=policy).ping()
+    # Two dead workers in a row: the request may be their cause; it is not sent a third time.
+    assert (info.value.status, info.value.killed, len(script.seen)) == (507, True, 2)
+
+
+def test_a_timed_out_worker_is_not_retried(server: tuple[str, Script]) -> None:
+    """500 "Worker died." is responseTimeout: retrying would kill the next worker too."""
+    url, script = server
+    script.answers = [(500, {**WORKER_DIED, "code": 500}, {}), OK_PING]
+    with pytest.raises(WorkerDied) as info:
+        RestClient(url, url, retry=FAST).ping()
+    assert (info.value.status, info.value.killed, info.value.retryable) == (500, False, False)
+    assert len(script.seen) == 1
+
+
+def test_worker_died_only_policy_still_counts_503s(server: tuple[str, Script]) -> None:
+    url, script = server
+    script.answers = [(503, {"message": "busy"}, {}), OK_PING]
+    with pytest.raises(RetryableServerError):
+        RestClient(url, url, retry=WORKER_DIED_ONLY).ping()
+    assert len(script.seen) == 1
+    script.seen.clear()
+    script.answers = [(507, WORKER_DIED, {}), OK_PING]
+    assert RestClient(url, url, retry=WORKER_DIED_ONLY).ping() == "Healthy"
+    assert len(script.seen) == 2
+
+
+class _RpcError(grpc.RpcError):
+    """A finished call's status, as grpc hands it to the client (code + details)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "killed"),
+    [(grpc.StatusCode.RESOURCE_EXHAUSTED, 507, True), (grpc.StatusCode.INTERNAL, 500, False)],
+)
+def test_grpc_worker_died_statuses(code: grpc.StatusCode, status: int, killed: bool) -> None:
+    # TorchServe 0.12's details, as measured on a real server (tests/resilience/test_faults.py).
+    details = "Worker died.\norg.pytorch.serve.http.InternalServerException"
+    error = error_from_rpc(_RpcError(code, details), "127.0.0.1:7070", "inference")
+    assert isinstance(error, WorkerDied)
+    assert (error.status, error.killed, error.retryable, error.message) == (
+        status,
+        killed,
+        killed,
+        "Worker died.",
+    )
+    # A 413 that TorchServe itself sends is RESOURCE_EXHAUSTED too, but no worker died.
+    too_big = error_from_rpc(_RpcError(code, "request too large"), "t", "inference")
+    assert not isinstance(too_big, WorkerDied) and not too_big.retryable
+
+
+def test_policy_rejects_negative_worker_died_retries() -> None:
+    with pytest.raises(ValueError, match="worker_died_retries"):
+        RetryPolicy(worker_died_retries=-1)

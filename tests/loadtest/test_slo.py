@@ -11,7 +11,15 @@ import pytest
 
 from loadtest.images import ImageSourceError, load_images
 from loadtest.run import main as run_main
-from loadtest.slo import ReportError, Slo, check_slo, read_history, summarise, write_report
+from loadtest.slo import (
+    RETRIED_SUFFIX,
+    ReportError,
+    Slo,
+    check_slo,
+    read_history,
+    summarise,
+    write_report,
+)
 
 PCTS = ["50%", "66%", "75%", "80%", "90%", "95%", "98%", "99%", "99.9%", "99.99%", "100%"]
 STATS_COLS = [
@@ -126,3 +134,30 @@ def test_image_pool(tmp_path: Path) -> None:
         load_images(tmp_path / "missing", n=1)
     with pytest.raises(ImageSourceError, match="must be >= 1"):
         load_images(None, n=0)
+
+
+def test_retried_attempts_are_raw_failures_left_out_of_the_slo(tmp_path: Path) -> None:
+    """The Locust users' retried attempts (a killed worker) are counted apart, not as errors."""
+    prefix = tmp_path / "locust"
+    with open(f"{prefix}_stats.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(STATS_COLS)
+        w.writerow(_stats_row("POST", "predict", 100, 0, 40, 90, 150, 10.0, 800))
+        w.writerow(_stats_row("POST", f"predict{RETRIED_SUFFIX}", 3, 3, 20, 30, 30, 0.3, 100))
+        w.writerow(_stats_row("grpc", "Predictions", 300, 1, 30, 120, 200, 30.0, 600))
+        w.writerow(_stats_row("grpc", f"Predictions{RETRIED_SUFFIX}", 2, 2, 20, 30, 30, 0.2, 0))
+        w.writerow(_stats_row("", "Aggregated", 405, 6, 33, 120, 200, 40.5, 647))
+    s = summarise(Path(f"{prefix}_stats.csv"))
+    assert (s["rest"].requests, s["rest"].failures, s["rest"].retried) == (100, 0, 3)
+    assert (s["grpc"].failures, s["grpc"].retried, s["grpc"].raw_failures) == (1, 2, 3)
+    total = s["total"]
+    assert (total.requests, total.failures, total.retried, total.raw_failures) == (400, 1, 5, 6)
+    assert total.rps == pytest.approx(40.0)
+    # 3 retried attempts of 100 bytes were in the Aggregated average: taken out again.
+    assert total.avg_bytes == pytest.approx((405 * 647 - 300) / 400)
+    report = write_report(prefix, tmp_path, Slo(error_rate=0.01), {})
+    assert report.passed  # 1 user-visible failure in 400 requests; the 5 raw ones do not count
+    md = report.markdown.read_text()
+    assert "| rest | 3 | 3 | 0 |" in md and "| total | 6 | 5 | 1 |" in md
+    data = json.loads(report.json.read_text())
+    assert data["summaries"]["grpc"]["raw_failures"] == 3

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import atexit
 import io
-import struct
 import warnings
 import zipfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import pytest
 from PIL import Image
 
 from loadtest.chaos import write_server_config
+from loadtest.hostile import png_claiming
 from serving.server import Ports, ServerError, start, stop
 
 
@@ -40,16 +39,7 @@ def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     return buf.getvalue()
 
 
-def png_bomb(width: int, height: int) -> bytes:
-    """A ~60-byte PNG whose header claims ``width`` x ``height`` RGB pixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 64)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+png_bomb = png_claiming
 
 
 @dataclass(frozen=True)

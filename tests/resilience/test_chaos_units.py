@@ -1,7 +1,8 @@
-"""Fast tests of the pure parts of loadtest.chaos / loadtest.soak and of the hostile corpus."""
+"""Fast tests of the pure parts of loadtest.chaos / soak / hostile and of the hostile corpus."""
 
 from __future__ import annotations
 
+import io
 import json
 import zipfile
 
@@ -9,7 +10,7 @@ import pytest
 
 from handler.errors import InputError
 from handler.imaging import decode_image
-from loadtest import chaos, soak
+from loadtest import chaos, hostile, soak
 from loadtest.chaos import Outcome
 
 
@@ -85,14 +86,14 @@ def test_soak_slope_duration_and_verdict():
     assert soak.parse_duration("10m") == 600 and soak.parse_duration("1h30m") == 5400
     with pytest.raises(ValueError, match="10m"):
         soak.parse_duration("ten minutes")
-    flat = [soak.RssSample(t, 300.0 + (t % 2) * 0.1, (7,)) for t in range(0, 120, 5)]
+    flat = [soak.RssSample(t, 300.0 + (t % 2) * 0.1, (7,), 900.0) for t in range(0, 120, 5)]
     totals = {"requests": 500, "failures": 0}
     verdict = soak.judge(flat, totals, warmup_s=20, max_slope=2.0)
     assert verdict["passed"], verdict
-    leaking = [soak.RssSample(t, 300.0 + t / 10, (7,)) for t in range(0, 120, 5)]  # 6 MB/min
+    leaking = [soak.RssSample(t, 300.0 + t / 10, (7,), 900.0) for t in range(0, 120, 5)]  # 6/min
     verdict = soak.judge(leaking, totals, warmup_s=20, max_slope=2.0)
     assert not verdict["passed"] and verdict["figures"]["rss_slope_mb_per_min"] == 6.0
-    restarted = flat[:10] + [soak.RssSample(s.t, s.rss_mb, (8,)) for s in flat[10:]]
+    restarted = flat[:10] + [soak.RssSample(s.t, s.rss_mb, (8,), 900.0) for s in flat[10:]]
     verdict = soak.judge(restarted, {"requests": 500, "failures": 2}, 20, 2.0)
     assert verdict["figures"]["worker_restarts"] == 1
     assert not verdict["checks"]["zero failed requests"]
@@ -113,3 +114,141 @@ def test_corpus_decodes_offline_as_the_server_must_answer(corpus):
                 decode_image(case.body, 40_000_000)
             assert refused.value.reason == case.error_type, case.name
             assert refused.value.status == case.status, case.name
+
+
+def test_soak_judges_the_frontend_slope_apart_from_the_workers():
+    # Workers flat, the JVM climbing 12 MB/min after the warm-up: the frontend check fails.
+    samples = [soak.RssSample(t, 300.0, (7,), 900.0 + t / 5) for t in range(0, 120, 5)]
+    verdict = soak.judge(samples, {"requests": 9, "failures": 0, "raw_failures": 0}, 20, 2.0, 5.0)
+    figures, checks = verdict["figures"], verdict["checks"]
+    assert figures["rss_slope_mb_per_min"] == 0.0
+    assert figures["frontend_rss_slope_mb_per_min"] == 12.0
+    assert (figures["frontend_rss_start_mb"], figures["frontend_rss_end_mb"]) == (900.0, 923.0)
+    assert not checks["frontend RSS slope <= 5.0 MB/min"] and not verdict["passed"]
+    assert checks["RSS slope <= 2.0 MB/min"]
+    # No frontend found: the soak cannot vouch for it, so it does not pass.
+    blind = [soak.RssSample(t, 300.0, (7,)) for t in range(0, 120, 5)]
+    verdict = soak.judge(blind, {"requests": 9, "failures": 0}, 20, 2.0)
+    assert not verdict["checks"]["enough frontend RSS samples after warm-up (>= 3, got 0)"]
+    # A retried attempt (a worker died under it) fails the soak although the user saw none.
+    verdict = soak.judge(samples, {"requests": 9, "failures": 0, "raw_failures": 1}, 20, 2.0, 20)
+    assert not verdict["checks"]["zero failed requests"]
+
+
+def test_frontend_is_the_jvm_not_a_worker():
+    java = [
+        "/usr/bin/java",
+        "-Dlog4j=x",
+        "-cp",
+        ".:/ts/frontend/*",
+        "org.pytorch.serve.ModelServer",
+    ]
+    assert soak.is_frontend(java)
+    assert soak.is_frontend(["java", "-jar", "/ts/frontend/model-server.jar"])
+    worker = ["python", "/ts/model_service_worker.py", "--sock-name", "/tmp/.ts.sock.9000"]
+    assert not soak.is_frontend(worker) and not soak.is_frontend([])
+    # The launcher's own command line names TorchServe, but it is Python, not the JVM.
+    assert not soak.is_frontend(
+        ["python", "torchserve", "--start", "org.pytorch.serve.ModelServer"]
+    )
+
+
+def _parts(body: bytes, boundary: str) -> list[tuple[bytes, bytes]]:
+    """(name, value) of each part, read back by python-multipart (a real form parser)."""
+    from python_multipart import parse_form
+
+    out: list[tuple[bytes, bytes]] = []
+
+    def on_file(f) -> None:  # type: ignore[no-untyped-def]
+        f.file_object.seek(0)
+        out.append((f.field_name, f.file_object.read()))
+
+    headers = {
+        "Content-Type": f"multipart/form-data; boundary={boundary}".encode(),
+        "Content-Length": str(len(body)).encode(),
+    }
+    fields = lambda f: out.append((f.field_name, f.value or b""))  # noqa: E731
+    parse_form(headers, io.BytesIO(body), fields, on_file)
+    return out
+
+
+def test_hostile_requests_carry_exactly_the_bytes_they_claim(scene_images):
+    import base64
+
+    from PIL import Image
+
+    image = scene_images[0]
+    rest = {r.name: r for r in hostile.rest_requests(image)}
+    grpc = {r.name: r for r in hostile.grpc_requests(image)}
+    assert len(rest) == len(hostile.rest_requests(image))  # names are unique
+    assert {r.protocol for r in rest.values()} == {"rest"}
+    texts = hostile.odd_texts()
+    with pytest.raises(UnicodeDecodeError):
+        texts["invalid_utf8"].decode()
+    assert len(texts["long"]) >= 20_000 and len(texts["long_non_ascii"]) >= 20_000
+    for kind, text in texts.items():
+        boundary = hostile.BOUNDARY
+        assert _parts(rest[f"output_{kind}"].body, boundary) == [
+            (b"data", image),
+            (b"output", text),
+        ]
+        named = rest[f"field_name_{kind}"].body
+        if len(text) < 8000:  # python-multipart caps the size of a part's headers
+            assert _parts(named, boundary) == [(text, image)]
+        assert named.count(b'name="' + text + b'"') == 1
+        assert b'name="' + text + b'"' in rest[f"output_name_{kind}"].body
+        assert rest[f"accept_{kind}"].headers["Accept"] == text
+        assert rest[f"x_segserve_output_{kind}"].headers["X-Segserve-Output"] == text
+        assert rest[f"accept_{kind}"].body == image
+        assert grpc[f"grpc_output_{kind}"].inputs == {"data": image, "output": text}
+    body = json.loads(rest["json_output_non_ascii"].body.decode())
+    assert body["output"] == "é" and base64.b64decode(body["image"]) == image
+    stream = _parts(rest["multipart_stream_true"].body, hostile.BOUNDARY)
+    assert (b"stream", b"true") in stream
+    wide = dict(_parts(rest["overlay_jpeg_70000x1"].body, hostile.BOUNDARY))
+    assert wide[b"output"] == b"overlay_jpeg"
+
+    assert Image.open(io.BytesIO(wide[b"data"])).size == (70_000, 1)
+    with pytest.raises(InputError) as bomb:
+        decode_image(rest["png_bomb_100000x100000"].body, 40_000_000)
+    assert bomb.value.status == 413
+    assert grpc["grpc_stream_true_unary"].inputs["stream"] == b"true"
+
+
+def test_hostile_grpc_requests_are_valid_protobuf(scene_images):
+    from client.grpc_stubs import load_stubs
+
+    stubs = load_stubs()
+    for request in hostile.grpc_requests(scene_images[0]):
+        message = stubs.inference_pb2.PredictionsRequest(model_name="m", input=request.inputs)
+        assert message.ByteSize() > 0, request.name
+
+
+def test_hostile_answers_are_judged_by_status():
+    assert hostile.classify_http(200) and hostile.classify_http(415)
+    assert not hostile.classify_http(500) and not hostile.classify_http(507)
+    assert not hostile.classify_http(0)
+    assert hostile.classify_grpc("INVALID_ARGUMENT", "bad")
+    assert hostile.classify_grpc("RESOURCE_EXHAUSTED", "request too large")
+    assert not hostile.classify_grpc("RESOURCE_EXHAUSTED", "Worker died.\norg.pytorch...")
+    assert not hostile.classify_grpc("INTERNAL", "Worker died.")
+    answers = [
+        hostile.HostileAnswer("a", "400", True, 0.1),
+        hostile.HostileAnswer("b", "no answer (ReadTimeout)", False, 10.0, ""),
+        hostile.HostileAnswer("a", "400", True, 0.3),
+    ]
+    figures = hostile.answer_figures(answers)
+    assert figures["hostile_by_status"] == {"400": 2, "no answer (ReadTimeout)": 1}
+    assert figures["unacceptable"] == {"b": ["no answer (ReadTimeout)"]}
+    assert (figures["hostile_requests"], figures["hostile_distinct"]) == (3, 2)
+    assert figures["hostile_max_s"] == 10.0
+
+
+def test_client_figures_separate_raw_and_user_visible_failures():
+    class Sender:
+        retried = ["WorkerDied: x", "WorkerDied: x", "RetryableServerError: busy"]
+
+    outcomes = [Outcome(0, 1, 200), Outcome(1, 2, 200), Outcome(2, 3, 500, "boom")]
+    figures = chaos.client_figures(Sender(), outcomes)
+    assert (figures["requests"], figures["failed"], figures["retried"]) == (3, 1, 3)
+    assert figures["retried_errors"] == ["RetryableServerError: busy", "WorkerDied: x"]

@@ -2,6 +2,8 @@
 
 * a SIGKILLed worker: failures bounded by the requests in flight on it, TorchServe restarts it,
   throughput recovers (seconds measured and printed);
+* the same through the segserve clients (REST and gRPC): their retries leave 0 failures, while
+  the killed batch's raw 507 / RESOURCE_EXHAUSTED "Worker died." answers were really seen;
 * a model that raises on forward: a 500 with the model's message, at once, not a hang, not a 503;
 * overload beyond ``job_queue_size``: immediate 503s, accepted requests complete, retries win;
 * a request slower than ``responseTimeout``: a 5xx in bounded time, a restarted worker.
@@ -10,11 +12,15 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 import warnings
 
 import pytest
 import requests
 
+from client.retry import RetryPolicy
 from loadtest import chaos
 from serving.archive import ArchiveOptions, build_archive
 from serving.server import stop
@@ -89,6 +95,56 @@ def test_worker_kill_fails_at_most_the_in_flight_requests(
     assert figures["failed"] <= figures["failure_bound"] == 4
     # Whatever failed says so: TorchServe's "Worker died." (507), not a hang or a closed socket.
     assert all("Worker died" in m for m in figures["failure_messages"]), figures
+    # The client loops that ran beside it: whatever the kill cost them, retries absorbed it.
+    assert figures["failures_after_client_retries"] == 0, figures
+    assert figures["raw_failures"] >= figures["failed"]
+
+
+def _replaced(info, killed: list[int], timeout_s: float = 60) -> list[int]:
+    """The new worker pids once none of ``killed`` is listed READY any more."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pids = chaos.wait_workers_ready(info)
+        if not set(pids) & set(killed):
+            return pids
+        time.sleep(0.25)
+    raise AssertionError(f"workers {killed} not replaced after {timeout_s} s")
+
+
+def test_a_killed_worker_costs_the_client_nothing(tiny_archive, torchserve_factory, scene_images):
+    """SIGKILL the worker under REST + gRPC client loops: every prediction still succeeds.
+
+    Kills again (at most 3 times) until both protocols had a request in a killed batch, so the
+    test proves the retries absorbed real failures rather than that none happened.
+    """
+    info = torchserve_factory(tiny_archive)  # batch 4, one worker
+    policy = RetryPolicy(attempts=4, base_delay=0.2, max_delay=2.0)
+    senders = [chaos.ClientSender(info, protocol, policy) for protocol in ("rest", "grpc")]
+    loops = [chaos.TrafficLoop(info, scene_images, 3, request=s).start() for s in senders]
+    kills, started = 0, time.monotonic()
+    try:
+        pids = chaos.wait_workers_ready(info)
+        while kills < 3 and not all(s.retried for s in senders):
+            time.sleep(1.5)  # traffic flowing on the (new) worker
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            kills += 1
+            pids = _replaced(info, pids)
+        time.sleep(1.0)
+        outcomes = {s.protocol: loop.stop() for s, loop in zip(senders, loops, strict=True)}
+    finally:
+        for loop in loops:
+            loop.stop()
+        for sender in senders:
+            sender.close()
+        stop(info.workdir)
+    figures = {s.protocol: chaos.client_figures(s, outcomes[s.protocol]) for s in senders}
+    print(f"\n{kills} kill(s) in {time.monotonic() - started:.1f} s: {json.dumps(figures)}")
+    for protocol, f in figures.items():
+        assert f["requests"] > 10 and f["failed"] == 0, (protocol, f)
+        # Raw failures were there: the killed batch's requests, each retried once.
+        assert f["retried"] > 0, (protocol, kills, f)
+        assert all(e.startswith("WorkerDied") and "507" in e for e in f["retried_errors"]), f
 
 
 def test_model_bug_is_a_500_with_the_message_not_a_hang(fault_server, scene_images):

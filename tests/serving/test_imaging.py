@@ -20,6 +20,7 @@ from handler.imaging import (
     encode_mask_png,
     encode_overlay,
 )
+from loadtest import hostile
 
 LIMIT = 10_000_000
 
@@ -210,3 +211,18 @@ def test_overlay_blends_and_encodes():
     assert jpg.format == "JPEG" and jpg.size == (2, 2)
     with pytest.raises(ValueError, match="PNG or JPEG"):
         encode_overlay(rgb, mask, palette, "GIF")
+
+
+def test_jpeg_scan_bomb_is_refused_before_decoding():
+    from handler.imaging import MAX_JPEG_SCANS, jpeg_scan_count
+
+    progressive = io.BytesIO()
+    Image.new("RGB", (40, 30), (9, 99, 199)).save(progressive, format="JPEG", progressive=True)
+    assert 1 < jpeg_scan_count(progressive.getvalue()) <= 20
+    assert decode_image(progressive.getvalue(), max_pixels=10_000).shape == (30, 40, 3)
+    bomb = hostile.jpeg_scan_bomb()
+    assert jpeg_scan_count(bomb) == MAX_JPEG_SCANS + 1  # counting stops past the limit
+    with pytest.raises(InputError) as refused:
+        decode_image(bomb, max_pixels=10_000)
+    assert refused.value.status == 413 and refused.value.reason == "decode_limit"
+    assert "baseline" in refused.value.message

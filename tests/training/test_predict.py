@@ -58,7 +58,7 @@ def test_predict_odd_size_returns_mask_at_that_size(run_dir: Path) -> None:
     assert predictor.class_names[1] == "disc"
     mask, confidence = predictor.predict(random_image(37, 53, seed=0))
     assert mask.shape == confidence.shape == (37, 53)
-    assert mask.dtype == np.int64 and confidence.dtype == np.float32
+    assert mask.dtype == np.uint8 and confidence.dtype == np.float32
     assert 0 <= mask.min() and mask.max() < NUM_CLASSES
     assert len(np.unique(mask)) > 1  # not a constant answer
     assert np.all(confidence >= 1 / NUM_CLASSES - 1e-6) and np.all(confidence <= 1 + 1e-6)
