@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import io
-import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,37 +133,20 @@ def corpus() -> list[Case]:
 
 
 class Offline:
-    """The served pipeline run in-process: decode_image → prepare_image → model → prediction."""
+    """The served pipeline run in-process: ``decode_image`` then the offline reference,
+    ``training.predict.Predictor`` (the shared loader, preprocessing and post-processing)."""
 
     def __init__(self, export_dir: Path) -> None:
-        import torch
+        from training.predict import Predictor
 
-        from handler.metadata import load_metadata
-
-        self.meta = load_metadata(export_dir / "metadata.json")
-        with warnings.catch_warnings():
-            warnings.filterwarnings(
-                "ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning
-            )
-            self.model = torch.jit.load(str(export_dir / "model.pt"), map_location="cpu").eval()
+        self.predictor = Predictor.from_export(export_dir)
+        self.meta = self.predictor.metadata
 
     def __call__(self, body: bytes) -> np.ndarray:
-        import torch
-
         from handler.imaging import decode_image
-        from handler.preprocessing import (
-            collate,
-            logits_to_prediction,
-            prepare_image,
-            rgb_array_to_tensor,
-        )
 
-        spec = self.meta.preprocess
-        rgb = decode_image(body, max_pixels=40_000_000)
-        with torch.inference_mode():
-            x, geometry = prepare_image(rgb_array_to_tensor(rgb), spec)
-            mask, _ = logits_to_prediction(self.model(collate([x], spec))[0], geometry)
-        return mask.numpy()
+        mask, _ = self.predictor.predict(decode_image(body, self.predictor.max_pixels))
+        return mask
 
 
 @pytest.fixture(scope="session")
