@@ -21,7 +21,7 @@ DURATION    ?= 30s
 SLO_P95_MS  ?= 300
 SLO_ERROR_RATE ?= 0.01
 
-.PHONY: help install train train-ddp evaluate export archive serve stop predict demo test test-fast lint bench loadtest soak chaos k8s-tools k8s-validate k8s-deploy clean
+.PHONY: help install train train-ddp evaluate export archive serve stop demo test test-fast lint bench loadtest soak chaos k8s-tools k8s-validate k8s-deploy clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -90,7 +90,7 @@ stop: install ## stop TorchServe
 test: install k8s-tools ## run the whole test suite (installs first when needed)
 	$(PY) -m pytest
 
-test-fast: install ## run the tests that neither train for long nor start TorchServe
+test-fast: install k8s-tools ## run the tests that neither train for long nor start TorchServe
 	$(PY) -m pytest -m 'not slow'
 
 lint: install ## ruff check + format check

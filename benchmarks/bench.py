@@ -33,10 +33,8 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -131,13 +129,14 @@ def build_random_export(out_dir: Path, size: int, num_classes: int = 6) -> Path:
     import torch
 
     from handler.preprocessing import PreprocessSpec
+    from handler.runtime import quiet_torchscript
 
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = smp.create_model(
         "Unet", encoder_name="resnet18", encoder_weights=None, classes=num_classes
     ).eval()
-    with torch.no_grad(), _quiet_jit():
+    with torch.no_grad(), quiet_torchscript():
         traced = torch.jit.freeze(torch.jit.trace(model, torch.zeros(1, 3, size, size)))
     names = ["background"] + [f"class_{i}" for i in range(1, num_classes)]
     meta = {
@@ -153,18 +152,10 @@ def build_random_export(out_dir: Path, size: int, num_classes: int = 6) -> Path:
         "serving": {"cuda_half": False, "cuda_channels_last": False},
     }  # fmt: skip
     text = json.dumps(meta, indent=2)
-    with _quiet_jit():
+    with quiet_torchscript():
         torch.jit.save(traced, str(out_dir / "model.pt"), _extra_files={"metadata.json": text})
     (out_dir / "metadata.json").write_text(text)
     return out_dir
-
-
-@contextmanager
-def _quiet_jit() -> Iterator[None]:
-    """Silence exactly torch's TorchScript deprecation notices, nothing else."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
-        yield
 
 
 def floor_rows(model_pt: Path, size: int, batch: int, requests: int) -> list[Row]:

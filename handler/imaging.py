@@ -40,6 +40,9 @@ from handler.errors import InputError
 # Pillow plugins we let parse untrusted bytes (JPEG also opens MPO, what many phones write).
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 ALPHA_BACKGROUND = (255, 255, 255)
+# The default decode limit (width x height, from the header): 8K x 5K. A 32 MiB request cap
+# alone lets far bigger images through; the archive's max_pixels can lower or raise it.
+DEFAULT_MAX_PIXELS = 40_000_000
 # libjpeg's JPEG_MAX_DIMENSION: no JPEG can be wider or taller (PNG has no such limit).
 JPEG_MAX_DIMENSION = 65500
 # Scans (SOS segments) a JPEG may have. Baseline files have 1, progressive ones about 10 (up

@@ -32,6 +32,9 @@ import torch.nn.functional as F
 RESIZE_POLICIES = ("resize", "pad")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# smp encoders downsample 5 times: H and W must be multiples of 32, or a traced model silently
+# returns wrong-sized maps. The one definition; a metadata's preprocess.size_divisor may differ.
+SIZE_DIVISOR = 32
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class PreprocessSpec:
 
     input_size: tuple[int, int]
     resize_policy: str = "resize"
-    size_divisor: int = 32
+    size_divisor: int = SIZE_DIVISOR
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 

@@ -13,10 +13,30 @@ fuses nothing by default, the numbers it produces are the same.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+# torch 2.15 marks every torch.jit entry point deprecated with this warning; we know, and it is
+# still the format TorchServe's default path loads.
+TORCHSCRIPT_DEPRECATION = r"`torch\.jit\.\w+` is deprecated"
+
+
+@contextlib.contextmanager
+def quiet_torchscript() -> Iterator[None]:
+    """Silence only torch's "torch.jit.* is deprecated" warnings, nothing else: the one filter
+    the loader, the export, the benchmarks and the tests use.
+
+    >>> with quiet_torchscript():
+    ...     warnings.warn("`torch.jit.trace` is deprecated", FutureWarning)
+    """
+    with warnings.catch_warnings():
+        for category in (FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", message=TORCHSCRIPT_DEPRECATION, category=category)
+        yield
 
 
 def load_scripted_model(
@@ -32,10 +52,6 @@ def load_scripted_model(
         >>> model = load_scripted_model("model.pt")  # doctest: +SKIP
     """
     torch._C._jit_set_profiling_executor(False)
-    with warnings.catch_warnings():
-        # torch 2.x deprecates TorchScript loading but still supports it: silence only that.
-        warnings.filterwarnings(
-            "ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning
-        )
+    with quiet_torchscript():
         kwargs = {"_extra_files": extra_files} if extra_files is not None else {}
         return torch.jit.load(str(path), map_location=device, **kwargs).eval()

@@ -52,7 +52,7 @@ from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
 from ts.utils.util import PredictionException  # noqa: E402
 
 from handler.errors import InputError  # noqa: E402
-from handler.imaging import decode_image  # noqa: E402
+from handler.imaging import DEFAULT_MAX_PIXELS, decode_image  # noqa: E402
 from handler.metadata import load_metadata  # noqa: E402
 from handler.postprocess import class_confidences, class_fractions, encode_output  # noqa: E402
 from handler.preprocessing import (  # noqa: E402
@@ -67,7 +67,6 @@ from handler.telemetry import Telemetry  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_PIXELS = 40_000_000  # 8K x 5K; a 32 MiB request cap lets far bigger bombs through
 # The frontend's own default max_response_size: the safe bound when nothing else says more.
 TORCHSERVE_MAX_RESPONSE_SIZE = 6_553_500
 MAX_RESPONSE_SIZE_ENV = "TS_MAX_RESPONSE_SIZE"

@@ -133,7 +133,8 @@ def write_server_config(out: Path, overrides: dict[str, str], base: Path | None 
         >>> "job_queue_size=2" in path.read_text()
         True
     """
-    from serving.server import read_properties, runtime_properties, write_properties
+    from serving.properties import read_properties
+    from serving.server import runtime_properties, write_properties
 
     base = Path(base or REPO / "config.properties").resolve()
     props = runtime_properties(read_properties(base), base.parent, None, None)

@@ -43,6 +43,7 @@ from typing import Any
 
 import yaml
 
+from handler.imaging import DEFAULT_MAX_PIXELS
 from handler.metadata import MetadataError, ModelMetadata, load_metadata
 
 HANDLER_DIR = Path(__file__).resolve().parent.parent / "handler"
@@ -68,7 +69,7 @@ class ArchiveOptions:
     response_timeout_s: int = 120
     startup_timeout_s: int = 120
     device_type: str = "gpu"  # TorchServe falls back to CPU when the host has no GPU
-    max_pixels: int = 40_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     cuda_half: bool | None = None  # None: the metadata's serving.cuda_half
     cuda_channels_last: bool | None = None
     extra_handler_options: dict[str, Any] = field(default_factory=dict)

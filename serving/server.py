@@ -41,6 +41,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from serving.properties import read_properties
+
 STATE_FILE = "segserve_server.json"
 KEY_FILE = "key_file.json"
 # Lines in ts_log.log after which waiting longer cannot help.
@@ -112,19 +114,6 @@ class ServerInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def read_properties(path: str | Path) -> dict[str, str]:
-    """Java ``.properties`` → dict (``key=value`` lines; ``#``/``!`` comments)."""
-    props: dict[str, str] = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line or line[0] in "#!":
-            continue
-        key, sep, value = line.partition("=")
-        if sep:
-            props[key.strip()] = value.strip()
-    return props
 
 
 def write_properties(props: dict[str, str], path: str | Path) -> Path:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -85,12 +84,9 @@ def build_tiny_export(out_dir: Path, seed: int = 0, **meta_overrides: Any) -> Pa
 
     meta = tiny_metadata(**meta_overrides)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(), warnings.catch_warnings():
-        # torch 2.x deprecates the TorchScript API it still needs for this export: silence
-        # exactly those messages, nothing else.
-        warnings.filterwarnings(
-            "ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning
-        )
+    from handler.runtime import quiet_torchscript
+
+    with torch.random.fork_rng(), quiet_torchscript():
         torch.manual_seed(seed)
         model = smp.create_model(
             "Unet",

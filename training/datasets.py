@@ -33,7 +33,7 @@ import torch
 import yaml
 from PIL import Image, UnidentifiedImageError
 
-from handler.preprocessing import PreprocessSpec, padded_size
+from handler.preprocessing import SIZE_DIVISOR, PreprocessSpec, padded_size
 from training import synthetic
 from training.config import DataConfig
 from training.transforms import build_train_transform, build_val_transform
@@ -586,7 +586,7 @@ def build_dataset(
 
 def segmentation_collate(
     batch: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    size_divisor: int = 32,
+    size_divisor: int = SIZE_DIVISOR,
     ignore_index: int = 255,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack samples, padding bottom/right to a common multiple of ``size_divisor``.

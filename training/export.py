@@ -27,11 +27,10 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +38,19 @@ import numpy as np
 import torch
 
 from handler.metadata import MetadataError, parse_metadata
-from handler.preprocessing import PreprocessSpec, prepare_image, rgb_array_to_tensor
-from handler.runtime import load_scripted_model
+from handler.preprocessing import (
+    SIZE_DIVISOR,
+    PreprocessSpec,
+    prepare_image,
+    rgb_array_to_tensor,
+)
+from handler.runtime import load_scripted_model, quiet_torchscript
 from training.metrics import jsonable
 
 MODEL_FILE = "model.pt"
 METADATA_FILE = "metadata.json"
 ONNX_FILE = "model.onnx"
 PARITY_BATCH_SIZES = (1, 2)
-# torch 2.15 marks every torch.jit entry point deprecated with this FutureWarning; we know.
-_JIT_DEPRECATION = r"`torch\.jit\.\w+` is deprecated"
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
@@ -59,15 +61,6 @@ class ExportError(RuntimeError):
 
 class ParityError(ExportError):
     """The exported model's outputs differ from the eager model's."""
-
-
-@contextlib.contextmanager
-def quiet_torchscript() -> Iterator[None]:
-    """Silence only torch's "torch.jit.* is deprecated" warnings, nothing else."""
-    with warnings.catch_warnings():
-        for category in (FutureWarning, DeprecationWarning):
-            warnings.filterwarnings("ignore", message=_JIT_DEPRECATION, category=category)
-        yield
 
 
 # --- TorchScript --------------------------------------------------------------------------------
@@ -175,7 +168,7 @@ def to_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
         raise ExportError("ONNX export needs onnxscript: pip install onnxscript") from None
     batch = torch.export.Dim("batch", min=1)
     h, w = torch.export.Dim("h32", min=1), torch.export.Dim("w32", min=1)
-    divisor = 32
+    divisor = SIZE_DIVISOR
     try:
         torch.onnx.export(
             model.eval(),

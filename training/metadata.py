@@ -18,11 +18,10 @@ from typing import Any, Protocol
 
 import segmentation_models_pytorch as smp
 
-from handler.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
+from handler.preprocessing import IMAGENET_MEAN, IMAGENET_STD, SIZE_DIVISOR, PreprocessSpec
 from training.config import Recipe
 
 SCHEMA_VERSION = 1
-SIZE_DIVISOR = 32
 
 
 class DatasetInfoLike(Protocol):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from handler.errors import InputError
-from handler.imaging import decode_image
+from handler.imaging import DEFAULT_MAX_PIXELS, decode_image
 from handler.metadata import ModelMetadata, parse_metadata
 from handler.preprocessing import (
     PreprocessSpec,
@@ -33,9 +33,6 @@ from handler.preprocessing import (
     rgb_array_to_tensor,
 )
 from training import export
-
-# Same bound as the handler's default (handler/segmenter_handler.py DEFAULT_MAX_PIXELS).
-DEFAULT_MAX_PIXELS = 40_000_000
 
 Prediction = tuple[np.ndarray, np.ndarray]
 Model = Callable[[torch.Tensor], torch.Tensor]

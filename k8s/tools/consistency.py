@@ -19,8 +19,8 @@ from pathlib import Path
 import yaml
 
 from k8s.tools.promrules import adapter_query_to_promql, grafana_to_promql, metric_names
-from k8s.tools.properties import port_of
 from k8s.tools.render import find, object_name
+from serving.properties import port_of
 
 # Scraped from kube-state-metrics, not from TorchServe.
 KUBE_STATE_METRICS = frozenset({"kube_pod_container_status_restarts_total"})

@@ -33,10 +33,10 @@ from k8s.tools.promrules import (  # noqa: E402
     grafana_to_promql,
     rules_from_prometheusrule,
 )
-from k8s.tools.properties import load_properties  # noqa: E402
 from k8s.tools.render import RenderError, find, object_name, overlays, render_overlay  # noqa: E402
 from k8s.tools.schemas import DEFAULT_K8S_VERSION, validate_object  # noqa: E402
 from k8s.tools.toolchain import REPO  # noqa: E402
+from serving.properties import read_properties  # noqa: E402
 
 MONITORING = Path("k8s/components/monitoring")
 # The lines KServe's config.properties adds to the root one (k8s/README.md "KServe").
@@ -48,14 +48,14 @@ def check_overlay_objects(
 ) -> list[str]:
     """All checks of one rendered overlay (``overlay``: its folder, for kserve.properties)."""
     problems = [p for obj in objects for p in validate_object(obj, k8s_version)]
-    props = load_properties(repo / "config.properties")
+    props = read_properties(repo / "config.properties")
     adapter = cc.load_yaml(repo / MONITORING / "prometheus-adapter-values.yaml")
     for isvc in (o for o in objects if o["kind"] == "InferenceService"):
         extra = overlay / KSERVE_PROPERTIES if overlay else None
         if extra is None or not extra.is_file():
             problems.append(f"{object_name(isvc)}: no {KSERVE_PROPERTIES} next to it")
             continue
-        problems += cc.check_kserve_management(isvc, props | load_properties(extra))
+        problems += cc.check_kserve_management(isvc, props | read_properties(extra))
         labels = {"serving.kserve.io/inferenceservice": isvc["metadata"]["name"]}
         problems += cc.check_egress(objects, labels, object_name(isvc))
     if any(o["kind"] == "Deployment" for o in objects):

@@ -10,9 +10,9 @@ import urllib.parse
 import pytest
 
 from k8s.tools import consistency as cc
-from k8s.tools.properties import load_properties
 from k8s.tools.render import find, render_overlay
 from k8s.tools.validate import validate_repo
+from serving.properties import read_properties
 
 from .conftest import REPO, edit
 
@@ -61,7 +61,7 @@ def test_kserve_management_api_is_loopback_only():
     model = isvc["spec"]["predictor"]["model"]
     env = {e["name"]: e["value"] for e in model["env"]}
     # TorchServe as the pod runs it: root config + kserve.properties, then the TS_* env.
-    cfg = load_properties(REPO / "config.properties") | load_properties(
+    cfg = read_properties(REPO / "config.properties") | read_properties(
         REPO / "k8s/overlays/kserve/kserve.properties"
     )
     assert cfg["enable_envvars_config"] == "true" and cfg["disable_token_authorization"] == "true"

@@ -54,7 +54,7 @@ def test_jvm_and_helpers_parse():
 @pytest.fixture(scope="module")
 def sizes():
     from serving.archive import ArchiveOptions
-    from serving.server import read_properties
+    from serving.properties import read_properties
 
     props = read_properties(REPO / "config.properties")
     vmargs = props["vmargs"]

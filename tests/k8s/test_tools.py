@@ -12,9 +12,9 @@ from k8s.tools import deploy
 from k8s.tools.consistency import exported_metric_names
 from k8s.tools.crd_schema import crd_to_schema
 from k8s.tools.promrules import metric_names
-from k8s.tools.properties import parse_properties, port_of
 from k8s.tools.schemas import validate_object
 from k8s.tools.toolchain import ToolError, require
+from serving.properties import parse_properties, port_of
 
 from .conftest import REPO
 

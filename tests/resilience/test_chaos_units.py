@@ -69,7 +69,7 @@ def test_add_fault_handler_rewrites_the_manifest(tmp_path):
 
 
 def test_write_server_config_overrides_and_absolute_paths(tmp_path):
-    from serving.server import read_properties
+    from serving.properties import read_properties
 
     path = chaos.write_server_config(tmp_path / "c.properties", {"job_queue_size": 3})
     props = read_properties(path)

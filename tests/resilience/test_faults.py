@@ -15,12 +15,12 @@ import json
 import os
 import signal
 import time
-import warnings
 
 import pytest
 import requests
 
 from client.retry import RetryPolicy
+from handler.runtime import quiet_torchscript
 from loadtest import chaos
 from serving.archive import ArchiveOptions, build_archive
 from serving.server import stop
@@ -42,10 +42,7 @@ def write_broken_export(tiny_export, out_dir):
 
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = (tiny_export / "metadata.json").read_text()
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning
-        )
+    with quiet_torchscript():
         torch.jit.save(
             torch.jit.script(Broken()),
             str(out_dir / "model.pt"),

@@ -30,7 +30,7 @@ from serving.archive import ArchiveOptions
 pytestmark = [pytest.mark.serving, pytest.mark.slow]
 
 RESPONSE_LIMIT = 1 << 20
-MAX_PIXELS = 40_000_000  # the archive default (serving.archive.ArchiveOptions.max_pixels)
+MAX_PIXELS = ArchiveOptions().max_pixels
 # Peak worker memory a 40 MP request may add on top of the idle worker, 4-class model: measured
 # +962 MB with the strip-wise post-processing (decode + float32 resize input dominate), +1845 MB
 # before it (full-resolution float logits, several copies); the old cost grows with classes.

@@ -1,8 +1,13 @@
-"""Read a Java ``.properties`` file the way TorchServe does (last duplicate key wins).
+"""The one reader of TorchServe's ``config.properties``: server control, k8s tools and tests.
+
+Read the way TorchServe (``java.util.Properties``) reads it: ``key=value`` or ``key:value``,
+the first separator wins, ``#``/``!`` comment lines, the last duplicate key wins, no line
+continuations (the project's files use none). The one writer is
+``serving.server.write_properties``.
 
 Example:
-    >>> parse_properties("# c\\na=1\\n b = x y \\na=2\\n")
-    {'a': '2', 'b': 'x y'}
+    >>> parse_properties("# c\\na=1\\n b = x y \\na=2\\nurl=http://h:80\\n")
+    {'a': '2', 'b': 'x y', 'url': 'http://h:80'}
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from pathlib import Path
 
 
 def parse_properties(text: str) -> dict[str, str]:
-    """``key=value`` / ``key:value`` lines; ``#``/``!`` comments; no line continuations."""
+    """``key=value`` / ``key:value`` lines; ``#``/``!`` comments; a bare key maps to ``""``."""
     props: dict[str, str] = {}
     for raw in text.splitlines():
         line = raw.strip()
@@ -25,8 +30,9 @@ def parse_properties(text: str) -> dict[str, str]:
     return props
 
 
-def load_properties(path: Path) -> dict[str, str]:
+def read_properties(path: str | Path) -> dict[str, str]:
     """Parsed ``path``; FileNotFoundError names the file."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: TorchServe config not found")
     return parse_properties(path.read_text(encoding="utf-8"))
