@@ -23,7 +23,7 @@ then prints a report (requests, failures, in-flight bound, recovery seconds) and
 ``--out``. Exit status 0 when every check holds, 1 otherwise, 2 when the run could not start.
 
 The slowness is injected by a handler subclass packed into the fault archives
-(:data:`FAULT_HANDLER_SOURCE`): it sleeps for the seconds in the request header
+(`loadtest/fault_handler.py`): it sleeps for the seconds in the request header
 ``X-Segserve-Fault-Sleep`` before the normal handler runs. Production archives never contain it.
 
 Example:
@@ -56,33 +56,8 @@ import requests
 
 FAULT_HEADER = "X-Segserve-Fault-Sleep"
 FAULT_ENTRY_POINT = "fault_handler.py"
-# A subclass of the real handler: everything it serves is the production code path; only the
-# sleep is added. TorchServe loads the single class *defined* in the entry-point module.
-FAULT_HANDLER_SOURCE = f'''"""Fault injection for the resilience tests and `make chaos`."""
-
-import time
-
-from segmenter_handler import SegmenterHandler
-
-FAULT_HEADER = "{FAULT_HEADER.lower()}"
-MAX_SLEEP_S = 600.0
-
-
-class FaultInjectingHandler(SegmenterHandler):
-    """Sleeps for the largest ``{FAULT_HEADER}`` of the batch, then handles it normally."""
-
-    def handle(self, data, context):
-        delays = [0.0]
-        for idx in range(len(data)):
-            for key, value in (context.get_all_request_header(idx) or {{}}).items():
-                if isinstance(key, str) and key.lower() == FAULT_HEADER:
-                    try:
-                        delays.append(float(value))
-                    except (TypeError, ValueError):
-                        pass
-        time.sleep(min(max(delays), MAX_SLEEP_S))
-        return super().handle(data, context)
-'''
+# The fault-injecting handler packed into fault archives (a real, linted module).
+FAULT_HANDLER_FILE = Path(__file__).resolve().with_name("fault_handler.py")
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path("loadtest/results")
 
@@ -95,7 +70,7 @@ class ChaosError(RuntimeError):
 
 
 def add_fault_handler(mar: Path) -> Path:
-    """Rewrite ``mar`` in place so that TorchServe loads :data:`FAULT_HANDLER_SOURCE`."""
+    """Rewrite ``mar`` in place so that TorchServe loads ``loadtest/fault_handler.py``."""
     buf = io.BytesIO()
     with zipfile.ZipFile(mar) as src, zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as dst:
         for item in src.infolist():
@@ -105,7 +80,7 @@ def add_fault_handler(mar: Path) -> Path:
                 manifest["model"]["handler"] = FAULT_ENTRY_POINT
                 data = json.dumps(manifest, indent=2).encode()
             dst.writestr(item, data)
-        dst.writestr(FAULT_ENTRY_POINT, FAULT_HANDLER_SOURCE)
+        dst.writestr(FAULT_ENTRY_POINT, FAULT_HANDLER_FILE.read_bytes())
     tmp = mar.with_suffix(".mar.tmp")
     tmp.write_bytes(buf.getvalue())
     os.replace(tmp, mar)

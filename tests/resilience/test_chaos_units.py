@@ -252,3 +252,10 @@ def test_client_figures_separate_raw_and_user_visible_failures():
     figures = chaos.client_figures(Sender(), outcomes)
     assert (figures["requests"], figures["failed"], figures["retried"]) == (3, 1, 3)
     assert figures["retried_errors"] == ["RetryableServerError: busy", "WorkerDied: x"]
+
+
+def test_the_fault_handler_module_matches_the_header_chaos_sends():
+    from loadtest import chaos, fault_handler
+
+    assert fault_handler.FAULT_HEADER == chaos.FAULT_HEADER.lower()
+    assert chaos.FAULT_HANDLER_FILE.read_text().startswith('"""Fault injection')
