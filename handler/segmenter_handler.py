@@ -51,7 +51,7 @@ import torch  # noqa: E402
 from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
 from ts.utils.util import PredictionException  # noqa: E402
 
-from handler.errors import InputError  # noqa: E402
+from handler.errors import InputError, quote_input  # noqa: E402
 from handler.imaging import DEFAULT_MAX_PIXELS, decode_image  # noqa: E402
 from handler.metadata import load_metadata  # noqa: E402
 from handler.postprocess import class_confidences, class_fractions, encode_output  # noqa: E402
@@ -100,11 +100,10 @@ def _max_response_size(options: dict) -> int:
 
 def _unexpected(stage: str, exc: BaseException) -> InputError:
     """A per-request 500 for a failure no rule expected; the worker log has the traceback."""
-    detail = ascii(str(exc).strip().splitlines()[-1][:200]) if str(exc).strip() else ""
     return InputError(
         "internal",
-        f"could not {stage} this image ({type(exc).__name__} {detail}); the other requests "
-        "were answered: see the worker log",
+        f"could not {stage} this image ({type(exc).__name__} {quote_input(exc, 200)}); the "
+        "other requests were answered: see the worker log",
     )
 
 
@@ -178,7 +177,7 @@ class SegmenterHandler(BaseHandler):
                 continue
             except Exception as exc:  # noqa: BLE001 - odd input must not kill the worker
                 logger.warning("request %s: unexpected decode failure", idx, exc_info=True)
-                error = InputError("bad_request", f"could not read the image: {exc!s:.200}")
+                error = InputError("bad_request", f"could not read the image: {quote_input(exc)}")
                 responses[idx] = self._reject(context, idx, error, telemetry)
                 continue
             accepted.append((idx, request, rgb))
@@ -288,6 +287,12 @@ class SegmenterHandler(BaseHandler):
         self.context = context
         telemetry = Telemetry(context.metrics)
         start = time.perf_counter()
+        try:
+            return self._handle(data, context, telemetry, start)
+        finally:
+            telemetry.handler_time(start)
+
+    def _handle(self, data: list, context, telemetry: Telemetry, start: float) -> list:
         for idx in range(len(data)):
             if came_over_grpc(context.get_all_request_header(idx)):
                 # gRPC StreamPredictions: our one answer is the stream's last chunk; without
@@ -298,7 +303,6 @@ class SegmenterHandler(BaseHandler):
         responses, accepted = self._accept(context, data, telemetry)
         prepared = self._prepare(context, accepted, responses, telemetry)
         if not prepared:
-            telemetry.handler_time(start)
             return responses
         batch = collate([x for *_, x, _ in prepared], self.meta.preprocess)
         preprocessed = time.perf_counter()
@@ -308,7 +312,6 @@ class SegmenterHandler(BaseHandler):
         if error is not None:
             for idx, *_ in prepared:
                 responses[idx] = self._reject(context, idx, error, telemetry)
-            telemetry.handler_time(start)
             return responses
         self._postprocess(context, prepared, logits, responses, telemetry)
         done = time.perf_counter()
@@ -316,7 +319,6 @@ class SegmenterHandler(BaseHandler):
         telemetry.observe("segserve_inference_seconds", inferred - preprocessed)
         telemetry.observe("segserve_postprocess_seconds", done - inferred)
         telemetry.observe("segserve_batch_size", len(prepared))
-        telemetry.handler_time(start)
         logger.info(
             "segserve batch: %d request(s), %d image(s) in one forward %s",
             len(data),

@@ -398,12 +398,21 @@ def hostile_traffic(
     """Locust good traffic (REST + gRPC users) for ``duration_s`` with ``hostile`` cycling
     alongside; checks good-request failures, worker restarts and the hostile answers."""
     from loadtest.chaos import ScenarioResult, wait_workers_ready
+    from loadtest.run import server_locust_command
     from loadtest.slo import ReportError, summarise
 
     old = tuple(sorted(wait_workers_ready(info, model)))
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="segserve-hostile-"))
     watcher = PidWatcher(info, model).start()
-    locust = subprocess.Popen(_locust_command(info, model, users, duration_s, out_dir / "locust"))
+    cmd = server_locust_command(
+        info,
+        out_dir / "locust",
+        model_name=model,
+        users=users,
+        spawn_rate=users,
+        duration=f"{int(duration_s)}s",
+    )
+    locust = subprocess.Popen(cmd)
     loop = HostileLoop(info, hostile, model).start()
     try:
         locust.wait(timeout=duration_s + 120)
@@ -444,24 +453,3 @@ def hostile_traffic(
         "every hostile answer is a 2xx or 4xx": not figures["unacceptable"],
     }
     return ScenarioResult("hostile_traffic", figures, checks)
-
-
-def _locust_command(info: Any, model: str, users: int, duration_s: float, prefix: Path):
-    import argparse
-
-    from loadtest.run import locust_command
-
-    ns = argparse.Namespace(
-        host=info.inference_url,
-        grpc_host=info.grpc_inference_target,
-        model_name=model,
-        users=users,
-        spawn_rate=users,
-        duration=f"{int(duration_s)}s",
-        rest_weight=1,
-        grpc_weight=1,
-        output="mask",
-        images="",
-        key_file=str(Path(info.workdir) / "key_file.json"),
-    )
-    return locust_command(ns, prefix)

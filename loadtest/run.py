@@ -18,6 +18,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from loadtest.slo import ReportError, Slo, write_report
 
@@ -72,6 +73,35 @@ def locust_command(args: argparse.Namespace, prefix: Path) -> list[str]:
     if args.key_file:
         cmd += ["--key-file", args.key_file]
     return cmd
+
+
+def server_locust_command(
+    info: Any,
+    prefix: Path,
+    *,
+    model_name: str,
+    users: int,
+    spawn_rate: float,
+    duration: str,
+    rest_weight: int = 1,
+    grpc_weight: int = 1,
+) -> list[str]:
+    """:func:`locust_command` against a TorchServe this process started (``serving.server``
+    ServerInfo): its addresses and its ``key_file.json``, mask answers, synthetic images."""
+    args = argparse.Namespace(
+        host=info.inference_url,
+        grpc_host=info.grpc_inference_target,
+        model_name=model_name,
+        users=users,
+        spawn_rate=spawn_rate,
+        duration=duration,
+        rest_weight=rest_weight,
+        grpc_weight=grpc_weight,
+        output="mask",
+        images="",
+        key_file=str(Path(info.workdir) / "key_file.json"),
+    )
+    return locust_command(args, prefix)
 
 
 def run_description(args: argparse.Namespace, returncode: int) -> dict[str, object]:

@@ -242,22 +242,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _locust(args: argparse.Namespace, info: Any, prefix: Path) -> int:
-    from loadtest.run import locust_command
+    from loadtest.run import server_locust_command
 
-    ns = argparse.Namespace(
-        host=info.inference_url,
-        grpc_host=info.grpc_inference_target,
+    cmd = server_locust_command(
+        info,
+        prefix,
         model_name=args.model_name,
         users=args.users,
         spawn_rate=args.spawn_rate,
         duration=args.duration,
         rest_weight=args.rest_weight,
         grpc_weight=args.grpc_weight,
-        output="mask",
-        images="",
-        key_file=str(Path(info.workdir) / "key_file.json"),
     )
-    return subprocess.run(locust_command(ns, prefix), check=False).returncode
+    return subprocess.run(cmd, check=False).returncode
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client.errors import AuthError, ConfigurationError, RequestRejected, ServerUnavailable
+from client.errors import (
+    AuthError,
+    ConfigurationError,
+    RequestRejected,
+    ServerUnavailable,
+    WorkerDied,
+)
 from client.grpc_client import error_from_rpc
 from client.grpc_stubs import fix_imports, generate
 from client.outputs import Prediction, list_images, output_path, save_prediction
@@ -152,3 +158,23 @@ def test_grpc_error_mapping() -> None:
     assert not bad.retryable
     busy = error_from_rpc(_RpcError(grpc.StatusCode.UNAVAILABLE, "no worker"), "h:1", "inference")
     assert busy.retryable and not isinstance(busy, ServerUnavailable)
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "killed"),
+    [(grpc.StatusCode.RESOURCE_EXHAUSTED, 507, True), (grpc.StatusCode.INTERNAL, 500, False)],
+)
+def test_grpc_worker_died_statuses(code: grpc.StatusCode, status: int, killed: bool) -> None:
+    # TorchServe 0.12's details, as measured on a real server (tests/resilience/test_faults.py).
+    details = "Worker died.\norg.pytorch.serve.http.InternalServerException"
+    error = error_from_rpc(_RpcError(code, details), "127.0.0.1:7070", "inference")
+    assert isinstance(error, WorkerDied)
+    assert (error.status, error.killed, error.retryable, error.message) == (
+        status,
+        killed,
+        killed,
+        "Worker died.",
+    )
+    # A 413 that TorchServe itself sends is RESOURCE_EXHAUSTED too, but no worker died.
+    too_big = error_from_rpc(_RpcError(code, "request too large"), "t", "inference")
+    assert not isinstance(too_big, WorkerDied) and not too_big.retryable

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import grpc
 import pytest
 
 from client.errors import (
@@ -25,7 +24,6 @@ from client.errors import (
     ServerUnavailable,
     WorkerDied,
 )
-from client.grpc_client import error_from_rpc
 from client.rest import RestClient
 from client.retry import WORKER_DIED_ONLY, RetryPolicy, call_with_retry
 
@@ -234,39 +232,6 @@ def test_worker_died_only_policy_still_counts_503s(server: tuple[str, Script]) -
     script.answers = [(507, WORKER_DIED, {}), OK_PING]
     assert RestClient(url, url, retry=WORKER_DIED_ONLY).ping() == "Healthy"
     assert len(script.seen) == 2
-
-
-class _RpcError(grpc.RpcError):
-    """A finished call's status, as grpc hands it to the client (code + details)."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        self._code, self._details = code, details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-
-@pytest.mark.parametrize(
-    ("code", "status", "killed"),
-    [(grpc.StatusCode.RESOURCE_EXHAUSTED, 507, True), (grpc.StatusCode.INTERNAL, 500, False)],
-)
-def test_grpc_worker_died_statuses(code: grpc.StatusCode, status: int, killed: bool) -> None:
-    # TorchServe 0.12's details, as measured on a real server (tests/resilience/test_faults.py).
-    details = "Worker died.\norg.pytorch.serve.http.InternalServerException"
-    error = error_from_rpc(_RpcError(code, details), "127.0.0.1:7070", "inference")
-    assert isinstance(error, WorkerDied)
-    assert (error.status, error.killed, error.retryable, error.message) == (
-        status,
-        killed,
-        killed,
-        "Worker died.",
-    )
-    # A 413 that TorchServe itself sends is RESOURCE_EXHAUSTED too, but no worker died.
-    too_big = error_from_rpc(_RpcError(code, "request too large"), "t", "inference")
-    assert not isinstance(too_big, WorkerDied) and not too_big.retryable
 
 
 def test_policy_rejects_negative_worker_died_retries() -> None:

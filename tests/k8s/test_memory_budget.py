@@ -11,13 +11,13 @@ of maximum-size images. The worker figures are the bounds that
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
+from k8s.tools.render import find, render_overlay
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "k8s" / "tools"))
 
 MiB = 1 << 20
 WORKER_IDLE_MB = 1000  # the tiny test model idles at ~700 MB; the demo resnet18 Unet near it
@@ -84,8 +84,6 @@ def test_a_full_queue_fits_the_frontend_heap(sizes):
 
 @pytest.mark.parametrize("overlay", ["cpu", "gpu"])
 def test_the_pod_memory_limit_holds_frontend_and_workers(sizes, overlay, kubectl):
-    from render import find, render_overlay
-
     objects = render_overlay(REPO / "k8s" / "overlays" / overlay, kubectl)
     deployment = find(objects, "Deployment", "segserve")
     (container,) = [
