@@ -29,11 +29,11 @@ help: ## list the targets
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m client.grpc_stubs
 	touch $@
 
-install: $(VENV)/.installed ## make .venv and install everything (torch, smp, TorchServe, gRPC stubs)
+install: $(VENV)/.installed ## make .venv, install `.[dev]` (every extra in pyproject.toml) and the gRPC stubs
 
 # The pipeline is file targets: a step runs only when its output is missing, so `make demo`
 # after an interrupted or finished run picks up where it stopped. `make clean` starts over.

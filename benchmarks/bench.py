@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from handler.artifact import METADATA_FILE, MODEL_FILE, load_metadata
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_EXPORT = REPO / "runs" / "default" / "export"
 RESULTS = REPO / "benchmarks" / "results"
@@ -124,37 +126,31 @@ def machine() -> dict[str, object]:
 
 
 def build_random_export(out_dir: Path, size: int, num_classes: int = 6) -> Path:
-    """A Unet/resnet18 (random weights) traced at ``size``, with schema-1 metadata."""
+    """A Unet/resnet18 (random weights) exported at ``size`` by ``training.export``."""
     import segmentation_models_pytorch as smp
     import torch
 
+    from handler.artifact import ModelMetadata
     from handler.preprocessing import PreprocessSpec
-    from handler.runtime import quiet_torchscript
+    from training.export import export_model
+    from training.synthetic import generate_scene
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = smp.create_model(
         "Unet", encoder_name="resnet18", encoder_weights=None, classes=num_classes
     ).eval()
-    with torch.no_grad(), quiet_torchscript():
-        traced = torch.jit.freeze(torch.jit.trace(model, torch.zeros(1, 3, size, size)))
-    names = ["background"] + [f"class_{i}" for i in range(1, num_classes)]
-    meta = {
-        "schema_version": 1, "model_name": "segmenter", "model_version": "1.0",
-        "architecture": "Unet", "encoder": "resnet18", "encoder_weights": None,
-        "num_classes": num_classes, "class_names": names,
-        "palette": [[(40 * i) % 256, (90 * i) % 256, (150 * i) % 256] for i in range(num_classes)],
-        "ignore_index": 255,
-        "preprocess": PreprocessSpec(input_size=(size, size)).to_dict(),
-        "metrics": {}, "recipe": {"note": "benchmarks/bench.py random weights"},
-        "source_checkpoint": None,
-        "export": {"format": "torchscript", "method": "trace", "torch_version": torch.__version__},
-        "serving": {"cuda_half": False, "cuda_channels_last": False},
-    }  # fmt: skip
-    text = json.dumps(meta, indent=2)
-    with quiet_torchscript():
-        torch.jit.save(traced, str(out_dir / "model.pt"), _extra_files={"metadata.json": text})
-    (out_dir / "metadata.json").write_text(text)
+    meta = ModelMetadata(
+        model_name="segmenter",
+        model_version="1.0",
+        architecture="Unet",
+        encoder="resnet18",
+        class_names=("background", *(f"class_{i}" for i in range(1, num_classes))),
+        palette=tuple((40 * i % 256, 90 * i % 256, 150 * i % 256) for i in range(num_classes)),
+        preprocess=PreprocessSpec(input_size=(size, size)),
+        recipe={"note": "benchmarks/bench.py random weights"},
+    )
+    scenes = [generate_scene(0, i, (size, size))[0] for i in range(2)]
+    export_model(model, meta, scenes, out_dir)
     return out_dir
 
 
@@ -312,23 +308,23 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         export = args.export_dir
         source = str(export)
-        if not (export / "model.pt").is_file():
+        if not (export / MODEL_FILE).is_file():
             print(f"{export} has no model.pt: building a random-weight Unet/resnet18 export")
             export = build_random_export(tmp / "export", args.image_size)
             source = "random weights, built by benchmarks/bench.py"
-        meta = json.loads((export / "metadata.json").read_text())
-        size = int(meta["preprocess"]["input_size"][0])
+        meta = load_metadata(export / METADATA_FILE)
+        size = meta.preprocess.input_size[0]
         image = load_images(None, n=1, size=(args.image_size, args.image_size))[0]
-        rows = floor_rows(export / "model.pt", size, args.batch, args.requests)
+        rows = floor_rows(export / MODEL_FILE, size, args.batch, args.requests)
         if "served" not in args.skip:
             rows += served_rows(export, image, args.batch, args.batch, args.requests, tmp)
         if "naive" not in args.skip:
-            rows += naive_rows(export / "model.pt", image, args.batch, args.requests)
+            rows += naive_rows(export / MODEL_FILE, image, args.batch, args.requests)
     now = dt.datetime.now(dt.timezone.utc)
     info = {
         "date": now.strftime("%Y-%m-%d %H:%M UTC"),
         **machine(),
-        "model": f"{meta['architecture']}/{meta['encoder']} ({source}), input {size}px",
+        "model": f"{meta.architecture}/{meta.encoder} ({source}), input {size}px",
         "image": f"{args.image_size}x{args.image_size} PNG ({len(image)} bytes)",
         "requests per row": args.requests,
     }

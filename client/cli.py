@@ -27,6 +27,7 @@ from client.outputs import OUTPUT_FORMATS, Prediction, list_images
 from client.rest import DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL, RestClient
 from client.retry import RetryPolicy
 from client.tokens import resolve_token
+from serving.properties import DEFAULT_MODEL_NAME
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     conn.add_argument("--management-url", default=DEFAULT_MANAGEMENT_URL)
     conn.add_argument("--grpc-target", default=DEFAULT_INFERENCE_TARGET, help="host:port")
     conn.add_argument("--grpc-management-target", default=DEFAULT_MANAGEMENT_TARGET)
-    conn.add_argument("--model", default="segmenter", help="model name (default: segmenter)")
+    conn.add_argument(
+        "--model", default=DEFAULT_MODEL_NAME, help=f"model name (default: {DEFAULT_MODEL_NAME})"
+    )
     conn.add_argument("--key-file", type=Path, help="TorchServe key_file.json")
     conn.add_argument("--token", help="inference token (else key file / $SEGSERVE_TOKEN)")
     conn.add_argument("--management-token", help="else key file / $SEGSERVE_MANAGEMENT_TOKEN")

@@ -31,9 +31,10 @@ from client.errors import (
 from client.grpc_stubs import Stubs, load_stubs
 from client.outputs import Prediction, check_output
 from client.retry import RetryCallback, RetryPolicy, call_with_retry
+from serving.properties import DEFAULT_MODEL_NAME, GRPC_INFERENCE_PORT, GRPC_MANAGEMENT_PORT
 
-DEFAULT_INFERENCE_TARGET = "127.0.0.1:7070"
-DEFAULT_MANAGEMENT_TARGET = "127.0.0.1:7071"
+DEFAULT_INFERENCE_TARGET = f"127.0.0.1:{GRPC_INFERENCE_PORT}"
+DEFAULT_MANAGEMENT_TARGET = f"127.0.0.1:{GRPC_MANAGEMENT_PORT}"
 # Large masks/overlays exceed gRPC's 4 MiB default; TorchServe's own limit is max_request_size.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _CHANNEL_OPTIONS = [
@@ -123,7 +124,7 @@ class GrpcClient:
         self,
         inference_target: str = DEFAULT_INFERENCE_TARGET,
         management_target: str = DEFAULT_MANAGEMENT_TARGET,
-        model_name: str = "segmenter",
+        model_name: str = DEFAULT_MODEL_NAME,
         token: str | None = None,
         management_token: str | None = None,
         timeout: float = 30.0,

@@ -35,9 +35,10 @@ from client.errors import (
 from client.outputs import Prediction, check_output
 from client.retry import RetryCallback, RetryPolicy, call_with_retry
 from client.tokens import bearer
+from serving.properties import DEFAULT_MODEL_NAME, INFERENCE_PORT, MANAGEMENT_PORT
 
-DEFAULT_INFERENCE_URL = "http://127.0.0.1:8080"
-DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
+DEFAULT_INFERENCE_URL = f"http://127.0.0.1:{INFERENCE_PORT}"
+DEFAULT_MANAGEMENT_URL = f"http://127.0.0.1:{MANAGEMENT_PORT}"
 RETRYABLE_STATUS = (502, 503, 504)
 # TorchServe's "Worker died." statuses: 507 the worker was SIGKILLed (retried: the request was a
 # bystander), 500 it passed responseTimeout or crashed (not retried: it may be the cause).
@@ -90,7 +91,7 @@ class RestClient:
         self,
         inference_url: str = DEFAULT_INFERENCE_URL,
         management_url: str = DEFAULT_MANAGEMENT_URL,
-        model_name: str = "segmenter",
+        model_name: str = DEFAULT_MODEL_NAME,
         token: str | None = None,
         management_token: str | None = None,
         timeout: float = 30.0,

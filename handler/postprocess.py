@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from handler.artifact import ModelMetadata
 from handler.errors import InputError
 from handler.imaging import (
     JPEG_MAX_DIMENSION,
@@ -38,7 +39,6 @@ from handler.imaging import (
     encode_mask_png,
     encode_overlay,
 )
-from handler.metadata import ModelMetadata
 
 
 def class_fractions(mask: np.ndarray, num_classes: int) -> np.ndarray:

@@ -1,16 +1,19 @@
 """TorchServe entry point: a thin ``BaseHandler`` adapter over segserve's pure functions.
 
-Per TorchServe batch (``handle``), every stage but the forward is per request:
+TorchServe's own ``BaseHandler.handle`` drives each batch through ``preprocess → inference →
+postprocess`` (and emits ``HandlerTime``); every stage but the forward is per request:
 
-1. every item is parsed, decoded and resized on its own; a bad item gets its own JSON error
-   (``context.set_response_status(code, phrase, idx)``) and never fails its batch-mates;
-2. the accepted images go through the model in ONE forward (``handler.preprocessing.collate``);
-   a model that raises, or answers in a shape its metadata does not describe, fails every
-   request of the batch with a 500 JSON of its own (the model is broken, not the requests);
-3. each prediction is cropped/upsampled to its image's size, arg-maxed and encoded in the
-   format that request asked for, with a per-request Content-Type; a format that cannot hold
-   the image (JPEG past 65500 px) or an answer above the server's ``max_response_size`` is
-   that request's own 400/413, any other failure its own 500.
+1. ``preprocess``: every item is parsed, decoded and resized on its own; a bad item gets its
+   own JSON error (``context.set_response_status(code, phrase, idx)``) and never fails its
+   batch-mates;
+2. ``inference``: the accepted images go through the model in ONE forward
+   (``handler.preprocessing.collate``); a model that raises, or answers in a shape its
+   metadata does not describe, fails every request of the batch with a 500 JSON of its own
+   (the model is broken, not the requests);
+3. ``postprocess``: each prediction is cropped/upsampled to its image's size, arg-maxed and
+   encoded in the format that request asked for, with a per-request Content-Type; a format
+   that cannot hold the image (JPEG past 65500 px) or an answer above the server's
+   ``max_response_size`` is that request's own 400/413, any other failure its own 500.
 
 What reaches TorchServe's wire protocol is short ASCII only (see ``handler.errors``): the
 status phrase is the standard one for the code, and client input is quoted only inside the
@@ -51,9 +54,10 @@ import torch  # noqa: E402
 from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
 from ts.utils.util import PredictionException  # noqa: E402
 
+from handler.artifact import METADATA_FILE, MODEL_FILE, load_metadata  # noqa: E402
+from handler.batch import Batch, PreparedImage  # noqa: E402
 from handler.errors import InputError, quote_input  # noqa: E402
 from handler.imaging import DEFAULT_MAX_PIXELS, decode_image  # noqa: E402
-from handler.metadata import load_metadata  # noqa: E402
 from handler.postprocess import class_confidences, class_fractions, encode_output  # noqa: E402
 from handler.preprocessing import (  # noqa: E402
     collate,
@@ -113,7 +117,7 @@ class SegmenterHandler(BaseHandler):
     def initialize(self, context) -> None:
         properties = context.system_properties
         model_dir = Path(properties["model_dir"])
-        meta = load_metadata(model_dir / "metadata.json")
+        meta = load_metadata(model_dir / METADATA_FILE)
         # Answer under the name/version the archive is served as (what clients address).
         archived = context.manifest.get("model", {})
         self.meta = dataclasses.replace(
@@ -135,7 +139,7 @@ class SegmenterHandler(BaseHandler):
         self.channels_last = on_cuda and bool(
             options.get("cuda_channels_last", self.meta.serving.cuda_channels_last)
         )
-        serialized = context.manifest["model"].get("serializedFile", "model.pt")
+        serialized = context.manifest["model"].get("serializedFile", MODEL_FILE)
         self.model = load_scripted_model(model_dir / serialized, self.device)
         if self.half:
             self.model = self.model.half()
@@ -164,47 +168,125 @@ class SegmenterHandler(BaseHandler):
         logger.info("request %s refused (%d %s): %s", idx, error.status, error.reason, error)
         return json.dumps(error.body()).encode()
 
-    def _accept(self, context, data: list, telemetry: Telemetry) -> tuple[list, list]:
-        """Parse + decode each item; returns (responses with errors filled, accepted items)."""
-        responses: list[Any] = [None] * len(data)
-        accepted = []
+    # TorchServe's BaseHandler.handle runs preprocess → inference → postprocess and emits
+    # HandlerTime. It would also switch to explain/describe modes on a request header of that
+    # name, answering one item for a whole batch (which fails every batch-mate): a client's
+    # header must never do that, and this model offers neither mode.
+    def _is_explain(self) -> bool:
+        return False
+
+    def _is_describe(self) -> bool:
+        return False
+
+    def preprocess(self, data: list) -> Batch:
+        """Parse, decode and resize each request on its own, then collate the accepted ones."""
+        context = self.context
+        batch = Batch([None] * len(data), Telemetry(context.metrics), time.perf_counter())
+        for idx in range(len(data)):
+            if came_over_grpc(context.get_all_request_header(idx)):
+                # gRPC StreamPredictions: our one answer is the stream's last chunk; without
+                # this header TorchServe 0.12 waits for more and kills the worker. Predictions
+                # ignores it. Never on REST: there it switches the reply to chunked streaming,
+                # and "false" as the first chunk leaves the client waiting until its timeout.
+                context.set_response_header(idx, "ts_stream_next", "false")
         for idx, item in enumerate(data):
-            try:
-                request = parse_request(item, context.get_all_request_header(idx))
-                rgb = decode_image(request.image, self.max_pixels)
-            except InputError as error:
-                responses[idx] = self._reject(context, idx, error, telemetry)
-                continue
-            except Exception as exc:  # noqa: BLE001 - odd input must not kill the worker
-                logger.warning("request %s: unexpected decode failure", idx, exc_info=True)
-                error = InputError("bad_request", f"could not read the image: {quote_input(exc)}")
-                responses[idx] = self._reject(context, idx, error, telemetry)
-                continue
-            accepted.append((idx, request, rgb))
-            telemetry.observe("segserve_input_megapixels", rgb.shape[0] * rgb.shape[1] / 1e6)
-        return responses, accepted
+            accepted = self._decode(idx, item, batch)
+            if accepted is not None:
+                self._prepare(idx, *accepted, batch)
+        if batch.prepared:
+            batch.inputs = collate([p.tensor for p in batch.prepared], self.meta.preprocess)
+        batch.preprocessed_at = time.perf_counter()
+        return batch
+
+    def inference(self, batch: Batch, *args, **kwargs) -> Batch:
+        """ONE forward for every accepted image; a broken model fails the batch with a 500."""
+        if batch.inputs is not None:
+            batch.logits = self._forward(batch.inputs)
+        batch.inferred_at = time.perf_counter()
+        return batch
+
+    def postprocess(self, batch: Batch) -> list:
+        """Each prediction back at its image's size, encoded as its request asked."""
+        if batch.inputs is None:
+            return batch.responses
+        error = self._model_output_error(batch.logits, batch.inputs)
+        for j, image in enumerate(batch.prepared):
+            if error is not None:
+                batch.responses[image.idx] = self._reject(image.idx, error, batch)
+            else:
+                self._answer(image, batch.logits[j], batch)
+        if error is not None:
+            return batch.responses
+        done, telemetry = time.perf_counter(), batch.telemetry
+        telemetry.observe("segserve_preprocess_seconds", batch.preprocessed_at - batch.start)
+        telemetry.observe("segserve_inference_seconds", batch.inferred_at - batch.preprocessed_at)
+        telemetry.observe("segserve_postprocess_seconds", done - batch.inferred_at)
+        telemetry.observe("segserve_batch_size", len(batch.prepared))
+        logger.info(
+            "segserve batch: %d request(s), %d image(s) in one forward %s",
+            len(batch.responses),
+            len(batch.prepared),
+            tuple(batch.inputs.shape),
+        )
+        return batch.responses
+
+    def _reject(self, idx: int, error: InputError, batch: Batch) -> bytes:
+        batch.telemetry.rejected(error.reason)
+        # The phrase is framed by character count but sent as UTF-8 (ts 0.12): ASCII only.
+        self.context.set_response_status(error.status, error.phrase, idx)
+        self.context.set_response_content_type(idx, "application/json")
+        logger.info("request %s refused (%d %s): %s", idx, error.status, error.reason, error)
+        return json.dumps(error.body()).encode()
+
+    def _decode(self, idx: int, item: Any, batch: Batch) -> tuple | None:
+        """(request, rgb) for a readable request, else None with its error answer filled in."""
+        try:
+            request = parse_request(item, self.context.get_all_request_header(idx))
+            rgb = decode_image(request.image, self.max_pixels)
+        except InputError as error:
+            batch.responses[idx] = self._reject(idx, error, batch)
+            return None
+        except Exception as exc:  # noqa: BLE001 - odd input must not kill the worker
+            logger.warning("request %s: unexpected decode failure", idx, exc_info=True)
+            error = InputError("bad_request", f"could not read the image: {quote_input(exc)}")
+            batch.responses[idx] = self._reject(idx, error, batch)
+            return None
+        batch.telemetry.observe("segserve_input_megapixels", rgb.shape[0] * rgb.shape[1] / 1e6)
+        return request, rgb
+
+    def _prepare(self, idx: int, request: Any, rgb: Any, batch: Batch) -> None:
+        """Resize/normalise one accepted image into ``batch.prepared``."""
+        try:
+            x, geometry = prepare_image(
+                rgb_array_to_tensor(rgb).to(self.device), self.meta.preprocess
+            )
+        except Exception as exc:  # noqa: BLE001 - one image must not fail its batch
+            logger.warning("request %s: preprocessing failed", idx, exc_info=True)
+            batch.responses[idx] = self._reject(idx, _unexpected("resize", exc), batch)
+            return
+        batch.prepared.append(PreparedImage(idx, request, rgb, x, geometry))
 
     @torch.inference_mode()
-    def _run_model(self, batch: torch.Tensor) -> Any:
+    def _run_model(self, inputs: torch.Tensor) -> Any:
         if self.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
         if self.half:
-            batch = batch.half()
-        logits = self.model(batch)
+            inputs = inputs.half()
+        logits = self.model(inputs)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # so the inference timer measures the forward
         return logits
 
-    def _forward(self, batch: torch.Tensor) -> Any:
+    def _forward(self, inputs: torch.Tensor) -> Any:
         try:
-            return self._run_model(batch)
+            return self._run_model(inputs)
         except Exception as exc:
             # A model bug is not overload: without this TorchServe answers 503 "Prediction
             # failed", which clients retry and dashboards read as "busy". CUDA errors keep
             # TorchServe's own mapping (507 Out of resources).
             if "CUDA" in str(exc):
                 raise
-            logger.error("model forward failed on %s", tuple(batch.shape), exc_info=True)
+            logger.error("model forward failed on %s", tuple(inputs.shape), exc_info=True)
             # TorchScript puts its interpreter traceback first and the actual error last.
             last_line = (str(exc).strip().splitlines() or [""])[-1][:300]
             raise PredictionException(
@@ -214,50 +296,36 @@ class SegmenterHandler(BaseHandler):
                 500,
             ) from exc
 
-    def _prepare(self, context, accepted: list, responses: list, telemetry: Telemetry) -> list:
-        """Resize/normalise each accepted image on its own: (idx, request, rgb, x, geometry)."""
-        prepared = []
-        for idx, request, rgb in accepted:
-            try:
-                x, geometry = prepare_image(
-                    rgb_array_to_tensor(rgb).to(self.device), self.meta.preprocess
-                )
-            except Exception as exc:  # noqa: BLE001 - one image must not fail its batch
-                logger.warning("request %s: preprocessing failed", idx, exc_info=True)
-                responses[idx] = self._reject(context, idx, _unexpected("resize", exc), telemetry)
-                continue
-            prepared.append((idx, request, rgb, x, geometry))
-        return prepared
-
-    def _model_output_error(self, logits: Any, batch: torch.Tensor) -> InputError | None:
+    def _model_output_error(self, logits: Any, inputs: torch.Tensor) -> InputError | None:
         """None when the logits are ``(N, num_classes, h, w)``, else the error for each request."""
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else None
-        n, _, h, w = batch.shape
+        n, _, h, w = inputs.shape
         if shape == (n, self.meta.num_classes, h, w):
             return None
         logger.error(
             "model output %s for input %s; metadata says %d classes",
             shape or type(logits).__name__,
-            tuple(batch.shape),
+            tuple(inputs.shape),
             self.meta.num_classes,
         )
         return InputError(
             "model_output",
             f"the model answered {shape or type(logits).__name__} for a batch of shape "
-            f"{tuple(batch.shape)}, but archive {self.meta.model_name} v"
+            f"{tuple(inputs.shape)}, but archive {self.meta.model_name} v"
             f"{self.meta.model_version} says (N, {self.meta.num_classes} classes, H, W): "
             "the model and its metadata disagree; re-export and re-archive it",
         )
 
-    def _answer(self, request, rgb, logits: torch.Tensor, geometry) -> tuple[bytes, tuple]:
+    def _encode(self, image: PreparedImage, logits: torch.Tensor) -> tuple[bytes, tuple]:
         """One request's body and its per-class statistics, or an :class:`InputError`."""
-        mask_t, confidence_t = logits_to_prediction(logits, geometry)
+        mask_t, confidence_t = logits_to_prediction(logits, image.geometry)
         mask, confidence = mask_t.cpu().numpy(), confidence_t.cpu().numpy()
-        body = encode_output(request.output, rgb, mask, confidence, self.meta)
+        output = image.request.output
+        body = encode_output(output, image.rgb, mask, confidence, self.meta)
         if len(body) > self.max_response_size:
             raise InputError(
                 "response_too_large",
-                f"the {request.output} answer is {len(body):,} bytes, above this server's "
+                f"the {output} answer is {len(body):,} bytes, above this server's "
                 f"max_response_size of {self.max_response_size:,}: ask for output=mask "
                 "(the smallest) or send a smaller image",
             )
@@ -267,62 +335,18 @@ class SegmenterHandler(BaseHandler):
         )
         return body, stats
 
-    def _postprocess(self, context, prepared, logits, responses, telemetry: Telemetry) -> None:
-        for j, (idx, request, rgb, _, geometry) in enumerate(prepared):
-            try:
-                body, (fractions, confidences) = self._answer(request, rgb, logits[j], geometry)
-            except InputError as error:
-                responses[idx] = self._reject(context, idx, error, telemetry)
-                continue
-            except Exception as exc:  # noqa: BLE001 - one answer must not fail its batch
-                logger.warning("request %s: post-processing failed", idx, exc_info=True)
-                error = _unexpected("encode the answer for", exc)
-                responses[idx] = self._reject(context, idx, error, telemetry)
-                continue
-            responses[idx] = body
-            context.set_response_content_type(idx, request.content_type)
-            telemetry.per_class(self.meta.class_names, fractions, confidences)
-
-    def handle(self, data: list, context) -> list:
-        self.context = context
-        telemetry = Telemetry(context.metrics)
-        start = time.perf_counter()
+    def _answer(self, image: PreparedImage, logits: torch.Tensor, batch: Batch) -> None:
+        """Fill in one request's answer; its own failure is its own error answer."""
         try:
-            return self._handle(data, context, telemetry, start)
-        finally:
-            telemetry.handler_time(start)
-
-    def _handle(self, data: list, context, telemetry: Telemetry, start: float) -> list:
-        for idx in range(len(data)):
-            if came_over_grpc(context.get_all_request_header(idx)):
-                # gRPC StreamPredictions: our one answer is the stream's last chunk; without
-                # this header TorchServe 0.12 waits for more and kills the worker. Predictions
-                # ignores it. Never on REST: there it switches the reply to chunked streaming,
-                # and "false" as the first chunk leaves the client waiting until its timeout.
-                context.set_response_header(idx, "ts_stream_next", "false")
-        responses, accepted = self._accept(context, data, telemetry)
-        prepared = self._prepare(context, accepted, responses, telemetry)
-        if not prepared:
-            return responses
-        batch = collate([x for *_, x, _ in prepared], self.meta.preprocess)
-        preprocessed = time.perf_counter()
-        logits = self._forward(batch)
-        inferred = time.perf_counter()
-        error = self._model_output_error(logits, batch)
-        if error is not None:
-            for idx, *_ in prepared:
-                responses[idx] = self._reject(context, idx, error, telemetry)
-            return responses
-        self._postprocess(context, prepared, logits, responses, telemetry)
-        done = time.perf_counter()
-        telemetry.observe("segserve_preprocess_seconds", preprocessed - start)
-        telemetry.observe("segserve_inference_seconds", inferred - preprocessed)
-        telemetry.observe("segserve_postprocess_seconds", done - inferred)
-        telemetry.observe("segserve_batch_size", len(prepared))
-        logger.info(
-            "segserve batch: %d request(s), %d image(s) in one forward %s",
-            len(data),
-            len(prepared),
-            tuple(batch.shape),
-        )
-        return responses
+            body, (fractions, confidences) = self._encode(image, logits)
+        except InputError as error:
+            batch.responses[image.idx] = self._reject(image.idx, error, batch)
+            return
+        except Exception as exc:  # noqa: BLE001 - one answer must not fail its batch
+            logger.warning("request %s: post-processing failed", image.idx, exc_info=True)
+            error = _unexpected("encode the answer for", exc)
+            batch.responses[image.idx] = self._reject(image.idx, error, batch)
+            return
+        batch.responses[image.idx] = body
+        self.context.set_response_content_type(image.idx, image.request.content_type)
+        batch.telemetry.per_class(self.meta.class_names, fractions, confidences)

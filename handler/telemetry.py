@@ -13,7 +13,6 @@ Example (``context.metrics`` is a ``ts.metrics.metric_cache_yaml_impl.MetricsCac
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -54,17 +53,6 @@ class Telemetry:
             )
         except Exception:  # noqa: BLE001 - a metrics hiccup must never fail a prediction
             logger.warning("could not emit metric %s", name, exc_info=True)
-
-    def handler_time(self, start: float) -> None:
-        """TorchServe's ``HandlerTime`` gauge (ms since ``start``, a ``time.perf_counter()``):
-        BaseHandler.handle emits it, and this handler replaces that method."""
-        if self._cache is None:
-            return
-        try:
-            elapsed_ms = round((time.perf_counter() - start) * 1000, 2)
-            self._cache.add_time("HandlerTime", elapsed_ms, None, "ms")
-        except Exception:  # noqa: BLE001
-            logger.warning("could not emit metric HandlerTime", exc_info=True)
 
     def rejected(self, reason: str) -> None:
         """Count one refused input under its ``Reason`` label."""

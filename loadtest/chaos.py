@@ -26,370 +26,47 @@ The slowness is injected by a handler subclass packed into the fault archives
 (`loadtest/fault_handler.py`): it sleeps for the seconds in the request header
 ``X-Segserve-Fault-Sleep`` before the normal handler runs. Production archives never contain it.
 
+The scenarios are built from :mod:`loadtest.traffic` (request loops), :mod:`loadtest.stats`
+(the figures), :mod:`loadtest.fault_server` (fault archives, configs, servers) and
+:mod:`loadtest.workers` (worker pids, READY).
+
 Example:
-    >>> outcomes = [Outcome(0.0, 0.1, 200), Outcome(0.5, 0.6, 200), Outcome(1.0, 1.2, 503)]
-    >>> summarize(outcomes)["failed"], summarize(outcomes)["statuses"]
-    (1, {'200': 2, '503': 1})
+    >>> result = ScenarioResult("overload", {"burst": 12}, {"excess refused with 503": True})
+    >>> print(report_markdown([result]))
+    # segserve chaos report
+    <BLANKLINE>
+    ## overload: PASS
+    <BLANKLINE>
+    - burst: 12
+    <BLANKLINE>
+    - [x] excess refused with 503
+    <BLANKLINE>
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import io
 import json
 import os
 import signal
 import sys
 import tempfile
-import threading
 import time
-import zipfile
-from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import requests
+from loadtest.errors import ChaosError
+from loadtest.fault_server import FAULT_HEADER, start_fault_server
+from loadtest.stats import client_figures, recovery_figures, summarize
+from loadtest.traffic import ClientSender, TrafficLoop, post_image
+from loadtest.workers import wait_workers_ready
+from serving.properties import DEFAULT_MODEL_NAME
 
-FAULT_HEADER = "X-Segserve-Fault-Sleep"
-FAULT_ENTRY_POINT = "fault_handler.py"
-# The fault-injecting handler packed into fault archives (a real, linted module).
-FAULT_HANDLER_FILE = Path(__file__).resolve().with_name("fault_handler.py")
-REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path("loadtest/results")
-
-
-class ChaosError(RuntimeError):
-    """A scenario could not be set up (no export, server did not start); the message says why."""
-
-
-# --- archives and configs -----------------------------------------------------------------
-
-
-def add_fault_handler(mar: Path) -> Path:
-    """Rewrite ``mar`` in place so that TorchServe loads ``loadtest/fault_handler.py``."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(mar) as src, zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as dst:
-        for item in src.infolist():
-            data = src.read(item.filename)
-            if item.filename == "MAR-INF/MANIFEST.json":
-                manifest = json.loads(data)
-                manifest["model"]["handler"] = FAULT_ENTRY_POINT
-                data = json.dumps(manifest, indent=2).encode()
-            dst.writestr(item, data)
-        dst.writestr(FAULT_ENTRY_POINT, FAULT_HANDLER_FILE.read_bytes())
-    tmp = mar.with_suffix(".mar.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, mar)
-    return mar
-
-
-def build_fault_archive(export_dir: Path, store: Path, **options: Any) -> Path:
-    """``store/<model_name>.mar`` from ``export_dir`` with the fault handler; ``options`` are
-    :class:`serving.archive.ArchiveOptions` fields (batch_size, response_timeout_s, ...)."""
-    from serving.archive import ArchiveError, ArchiveOptions, build_archive
-
-    try:
-        mar = build_archive(export_dir, store, ArchiveOptions(**options))
-    except ArchiveError as exc:
-        raise ChaosError(str(exc)) from None
-    return add_fault_handler(mar)
-
-
-def write_server_config(out: Path, overrides: dict[str, str], base: Path | None = None) -> Path:
-    """A copy of ``base`` (the repo's config.properties) with ``overrides``, paths made absolute.
-
-    Example:
-        >>> path = write_server_config(Path(tempfile.mkdtemp()) / "c.properties",
-        ...                            {"job_queue_size": "2"})
-        >>> "job_queue_size=2" in path.read_text()
-        True
-    """
-    from serving.properties import read_properties
-    from serving.server import runtime_properties, write_properties
-
-    base = Path(base or REPO / "config.properties").resolve()
-    props = runtime_properties(read_properties(base), base.parent, None, None)
-    props.update({k: str(v) for k, v in overrides.items()})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return write_properties(props, out)
-
-
-def worker_pids(info: Any, model: str = "segmenter") -> list[int]:
-    """Pids of the model's workers, from the management API's describe output."""
-    resp = requests.get(
-        f"{info.management_url}/models/{model}",
-        headers={"Authorization": f"Bearer {info.management_key}"},
-        timeout=10,
-    )
-    resp.raise_for_status()
-    return [int(w["pid"]) for v in resp.json() for w in v.get("workers", []) if w.get("pid")]
-
-
-def wait_workers_ready(info: Any, model: str = "segmenter", timeout_s: float = 120) -> list[int]:
-    """Pids once every worker of ``model`` is READY (raises ChaosError after ``timeout_s``)."""
-    deadline = time.monotonic() + timeout_s
-    headers = {"Authorization": f"Bearer {info.management_key}"}
-    while time.monotonic() < deadline:
-        try:
-            described = requests.get(
-                f"{info.management_url}/models/{model}", headers=headers, timeout=10
-            ).json()
-            workers = [w for v in described for w in v.get("workers", [])]
-        except (requests.RequestException, ValueError, TypeError):
-            workers = []
-        if workers and all(w.get("status") == "READY" for w in workers):
-            return [int(w["pid"]) for w in workers]
-        time.sleep(0.25)
-    raise ChaosError(f"workers of {model} not READY after {timeout_s:.0f} s")
-
-
-# --- traffic ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """One request: monotonic start/end, HTTP status (0: no answer), short error text."""
-
-    start: float
-    end: float
-    status: int
-    error: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.status == 200
-
-
-def post_image(
-    info: Any,
-    image: bytes,
-    model: str = "segmenter",
-    headers: dict[str, str] | None = None,
-    timeout: float = 60.0,
-    session: requests.Session | None = None,
-) -> Outcome:
-    """POST one image (raw body) and record what happened; never raises for HTTP trouble."""
-    url = f"{info.inference_url}/predictions/{model}"
-    headers = {"Authorization": f"Bearer {info.inference_key}", **(headers or {})}
-    start = time.monotonic()
-    try:
-        resp = (session or requests).post(url, data=image, headers=headers, timeout=timeout)
-    except requests.RequestException as exc:
-        return Outcome(start, time.monotonic(), 0, type(exc).__name__)
-    error = "" if resp.status_code == 200 else resp.text[:300]
-    if resp.status_code == 200 and not resp.content.startswith(b"\x89PNG"):
-        return Outcome(start, time.monotonic(), -1, "200 without a PNG mask")
-    return Outcome(start, time.monotonic(), resp.status_code, error)
-
-
-class TrafficLoop:
-    """``concurrency`` threads posting images back to back until :meth:`stop`.
-
-    Example:
-        >>> loop = TrafficLoop(info, images, concurrency=4).start()  # doctest: +SKIP
-        >>> time.sleep(5); outcomes = loop.stop()                   # doctest: +SKIP
-    """
-
-    def __init__(
-        self,
-        info: Any,
-        images: Sequence[bytes],
-        concurrency: int = 4,
-        model: str = "segmenter",
-        timeout: float = 60.0,
-        request: Callable[..., Outcome] = post_image,
-    ) -> None:
-        if not images:
-            raise ValueError("TrafficLoop needs at least one image")
-        self.info, self.images, self.model = info, list(images), model
-        self.concurrency, self.timeout, self.request = concurrency, timeout, request
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._outcomes: list[Outcome] = []
-        self._in_flight = 0
-        self._threads: list[threading.Thread] = []
-
-    def _run(self, index: int) -> None:
-        session = requests.Session()
-        n = index
-        while not self._stop.is_set():
-            image = self.images[n % len(self.images)]
-            n += self.concurrency
-            with self._lock:
-                self._in_flight += 1
-            try:
-                outcome = self.request(
-                    self.info, image, self.model, timeout=self.timeout, session=session
-                )
-            finally:
-                with self._lock:
-                    self._in_flight -= 1
-            with self._lock:
-                self._outcomes.append(outcome)
-        session.close()
-
-    def start(self) -> TrafficLoop:
-        for i in range(self.concurrency):
-            thread = threading.Thread(target=self._run, args=(i,), daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        return self
-
-    def in_flight(self) -> int:
-        with self._lock:
-            return self._in_flight
-
-    def outcomes(self) -> list[Outcome]:
-        with self._lock:
-            return list(self._outcomes)
-
-    def stop(self, timeout: float | None = None) -> list[Outcome]:
-        """Stop sending; wait for the requests in flight (each bounded by its own timeout)."""
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout if timeout is not None else self.timeout + 5)
-        if any(t.is_alive() for t in self._threads):
-            raise ChaosError("requests still hanging after their timeout: the server hangs")
-        return self.outcomes()
-
-
-class ClientSender:
-    """A :class:`TrafficLoop` ``request`` that goes through the segserve client (REST or gRPC)
-    with a retry policy, and counts the raw failures its retries absorbed.
-
-    ``retried`` lists one ``"<Error>: <message>"`` per retried attempt: what the user would
-    have seen without the client's retries.
-
-    Example:
-        >>> sender = ClientSender(info, "grpc", RetryPolicy(attempts=3))     # doctest: +SKIP
-        >>> TrafficLoop(info, images, 2, request=sender).start()            # doctest: +SKIP
-    """
-
-    def __init__(self, info: Any, protocol: str, policy: Any, model: str = "segmenter",
-                 timeout: float = 60.0) -> None:  # fmt: skip
-        from client.grpc_client import GrpcClient
-        from client.rest import RestClient
-
-        if protocol not in ("rest", "grpc"):
-            raise ValueError(f"protocol must be 'rest' or 'grpc', got {protocol!r}")
-        self.protocol = protocol
-        self.retried: list[str] = []
-        self._lock = threading.Lock()
-        common = {"model_name": model, "token": info.inference_key, "timeout": timeout}
-        if protocol == "rest":
-            self.client: Any = RestClient(
-                info.inference_url, retry=policy, on_retry=self._count, **common
-            )
-        else:
-            self.client = GrpcClient(
-                info.grpc_inference_target, retry=policy, on_retry=self._count, **common
-            )
-
-    def _count(self, attempt: int, error: Exception, delay: float) -> None:
-        with self._lock:
-            self.retried.append(f"{type(error).__name__}: {str(error)[:100]}")
-
-    def __call__(self, info: Any, image: bytes, model: str, **_: Any) -> Outcome:
-        from client.errors import ClientError
-
-        start = time.monotonic()
-        try:
-            content = self.client.predict(image).content
-        except ClientError as exc:
-            status = int(getattr(exc, "status", 0))
-            return Outcome(start, time.monotonic(), status, f"{type(exc).__name__}: {exc}"[:300])
-        if not content.startswith(b"\x89PNG"):
-            return Outcome(start, time.monotonic(), -1, "200 without a PNG mask")
-        return Outcome(start, time.monotonic(), 200)
-
-    def close(self) -> None:
-        self.client.close()
-
-
-def client_figures(sender: ClientSender, outcomes: Sequence[Outcome]) -> dict[str, Any]:
-    """What the user of the client saw (``failed``) and what its retries absorbed."""
-    return {
-        "requests": len(outcomes),
-        "failed": sum(not o.ok for o in outcomes),
-        "retried": len(sender.retried),
-        "retried_errors": sorted(set(sender.retried)),
-        "failure_messages": sorted({o.error[:120] for o in outcomes if not o.ok}),
-    }
-
-
-# --- figures (pure) -----------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (``q`` in 0..100) of ``values``; 0.0 for none."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100.0 * len(ordered) + 0.5)))
-    return float(ordered[rank - 1])
-
-
-def summarize(outcomes: Sequence[Outcome]) -> dict[str, Any]:
-    """Request count, failures, statuses and latency percentiles (ms) of successful requests."""
-    latencies = [1000.0 * (o.end - o.start) for o in outcomes if o.ok]
-    statuses = Counter(str(o.status) for o in outcomes)
-    return {
-        "requests": len(outcomes),
-        "ok": sum(o.ok for o in outcomes),
-        "failed": sum(not o.ok for o in outcomes),
-        "statuses": dict(sorted(statuses.items())),
-        "p50_ms": round(percentile(latencies, 50), 1),
-        "p95_ms": round(percentile(latencies, 95), 1),
-    }
-
-
-def success_rate(outcomes: Sequence[Outcome], t0: float, t1: float) -> float:
-    """Successful completions per second in ``[t0, t1)``."""
-    if t1 <= t0:
-        return 0.0
-    return sum(1 for o in outcomes if o.ok and t0 <= o.end < t1) / (t1 - t0)
-
-
-def recovery_figures(
-    outcomes: Sequence[Outcome], t_event: float, window_s: float = 2.0, fraction: float = 0.8
-) -> dict[str, float | None]:
-    """How traffic came back after a fault at ``t_event`` (monotonic seconds).
-
-    * ``first_success_s``: from the event to the completion of the first successful request
-      *sent after* it (a request sent before may have been answered by the dying worker);
-    * ``steady_s``: from the event to the start of the first ``window_s`` window whose
-      success rate is at least ``fraction`` of the rate before the event (so it may lead the
-      real return by up to ``window_s * (1 - fraction)``);
-    * ``baseline_rps``: successes per second before the event.
-
-    Example:
-        >>> before = [Outcome(t / 10, t / 10 + 0.1, 200) for t in range(100)]    # 10/s to t=10
-        >>> after = [Outcome(13 + t / 10, 13.1 + t / 10, 200) for t in range(50)]
-        >>> recovery_figures(before + after, t_event=10.0)
-        {'baseline_rps': 10.0, 'first_success_s': 3.1, 'steady_s': 2.7}
-    """
-    first_start = min((o.start for o in outcomes), default=t_event)
-    baseline = success_rate(outcomes, first_start + 0.1 * (t_event - first_start), t_event)
-    after = [o.end for o in outcomes if o.ok and o.start >= t_event]
-    first = round(min(after) - t_event, 2) if after else None
-    steady = None
-    last_end = max((o.end for o in outcomes), default=t_event)
-    t = t_event
-    while t + window_s <= last_end + 1e-9 and baseline > 0:
-        if success_rate(outcomes, t, t + window_s) >= fraction * baseline:
-            steady = round(t - t_event, 2)
-            break
-        t += 0.1
-    return {"baseline_rps": round(baseline, 2), "first_success_s": first, "steady_s": steady}
-
-
-def in_flight_at(outcomes: Sequence[Outcome], t: float) -> int:
-    """Requests started before ``t`` and not finished at ``t``."""
-    return sum(1 for o in outcomes if o.start <= t < o.end)
 
 
 # --- scenarios ----------------------------------------------------------------------------
@@ -415,7 +92,7 @@ def worker_kill(
     concurrency: int = 8,
     warmup_s: float = 4.0,
     after_s: float = 12.0,
-    model: str = "segmenter",
+    model: str = DEFAULT_MODEL_NAME,
     client_concurrency: int = 2,
     client_policy: Any = None,
 ) -> ScenarioResult:
@@ -497,7 +174,7 @@ def overload(
     burst: int = 12,
     hold_s: float = 2.0,
     retry_clients: int = 6,
-    model: str = "segmenter",
+    model: str = DEFAULT_MODEL_NAME,
 ) -> ScenarioResult:
     """A burst beyond ``job_queue_size`` while a slow request holds the worker."""
     from client.errors import ClientError
@@ -559,7 +236,7 @@ def response_timeout(
     images: Sequence[bytes],
     timeout_s: int,
     sleep_s: float,
-    model: str = "segmenter",
+    model: str = DEFAULT_MODEL_NAME,
 ) -> ScenarioResult:
     """One request slower than ``responseTimeout``: a bounded 5xx, a new worker, service again."""
     old_pids = wait_workers_ready(info, model)
@@ -594,18 +271,6 @@ def response_timeout(
 
 
 # --- the scripted run (make chaos) -----------------------------------------------------------
-
-
-def _start_server(export_dir: Path, work: Path, name: str, config: dict[str, str], **options):
-    from serving.server import Ports, ServerError, start
-
-    store = work / name / "store"
-    build_fault_archive(export_dir, store, **options)
-    conf = write_server_config(work / name / "config.properties", config)
-    try:
-        return start(conf, store, work / name / "server", Ports.free(), timeout_s=240)
-    except ServerError as exc:
-        raise ChaosError(f"{name}: TorchServe did not start: {exc}") from None
 
 
 def run_all(
@@ -656,7 +321,7 @@ def run_all(
     ]
     results = []
     for name, config, options, scenario in plans:
-        info = _start_server(export_dir, work, name, config, **options)
+        info = start_fault_server(export_dir, work, name, config, **options)
         try:
             results.append(scenario(info))
         finally:

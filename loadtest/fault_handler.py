@@ -1,6 +1,6 @@
 """Fault injection for the resilience tests and `make chaos`: the real handler plus a sleep.
 
-``loadtest.chaos.add_fault_handler`` packs this file into a copy of an archive as its entry
+``loadtest.fault_server.add_fault_handler`` packs this file into a copy of an archive as its entry
 point, next to the archived ``segmenter_handler.py``; a production archive never contains it.
 Everything the subclass serves is the production code path. TorchServe instantiates the
 one class *defined* in the entry-point module (the imported ``SegmenterHandler`` does not count).
@@ -15,7 +15,7 @@ try:  # inside an extracted .mar: the entry point sits beside segmenter_handler.
 except ImportError:  # in the repository (imported for linting and doctests)
     from handler.segmenter_handler import SegmenterHandler
 
-# loadtest.chaos.FAULT_HEADER, as TorchServe passes header names through (compared lower-case).
+# loadtest.fault_server.FAULT_HEADER as TorchServe passes header names on (compared lower-case).
 FAULT_HEADER = "x-segserve-fault-sleep"
 MAX_SLEEP_S = 600.0
 

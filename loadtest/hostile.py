@@ -42,6 +42,11 @@ from typing import Any
 import requests
 
 from handler.imaging import JPEG_MAX_DIMENSION
+from loadtest.errors import ChaosError
+from loadtest.stats import pid_changes
+from loadtest.workers import wait_workers_ready, worker_pids
+from serving.properties import DEFAULT_MODEL_NAME
+from serving.server import ServerError
 
 # Longer than any limit a header or field value is likely to meet (Netty's 8 KiB header line).
 LONG = 50_000
@@ -286,8 +291,14 @@ class HostileLoop:
     that hangs is a finding (``no answer (ReadTimeout)``), not something to wait a minute for.
     """
 
-    def __init__(self, info: Any, hostile: Sequence[HostileRequest], model: str = "segmenter",
-                 pause_s: float = 0.05, timeout: float = 10.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        info: Any,
+        hostile: Sequence[HostileRequest],
+        model: str = DEFAULT_MODEL_NAME,
+        pause_s: float = 0.05,
+        timeout: float = 10.0,
+    ) -> None:
         if not hostile:
             raise ValueError("HostileLoop needs at least one request")
         self.info, self.hostile, self.model, self.pause_s = info, list(hostile), model, pause_s
@@ -332,19 +343,17 @@ class HostileLoop:
 class PidWatcher:
     """Samples the model's worker pids every ``every`` seconds: a change is a restart."""
 
-    def __init__(self, info: Any, model: str = "segmenter", every: float = 0.5) -> None:
+    def __init__(self, info: Any, model: str = DEFAULT_MODEL_NAME, every: float = 0.5) -> None:
         self.info, self.model, self.every = info, model, every
         self.samples: list[tuple[int, ...]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        from loadtest.chaos import worker_pids
-
         while not self._stop.is_set():
             try:
                 pids = tuple(sorted(worker_pids(self.info, self.model)))
-            except (requests.RequestException, ValueError):
+            except ServerError:
                 pids = ()
             if pids and (not self.samples or self.samples[-1] != pids):
                 self.samples.append(pids)
@@ -392,12 +401,12 @@ def hostile_traffic(
     hostile: Sequence[HostileRequest],
     duration_s: float = 30.0,
     users: int = 4,
-    model: str = "segmenter",
+    model: str = DEFAULT_MODEL_NAME,
     out_dir: Path | None = None,
 ) -> Any:
     """Locust good traffic (REST + gRPC users) for ``duration_s`` with ``hostile`` cycling
     alongside; checks good-request failures, worker restarts and the hostile answers."""
-    from loadtest.chaos import ScenarioResult, wait_workers_ready
+    from loadtest.chaos import ScenarioResult
     from loadtest.run import server_locust_command
     from loadtest.slo import ReportError, summarise
 
@@ -424,13 +433,9 @@ def hostile_traffic(
     try:
         good = summarise(out_dir / "locust_stats.csv")["total"]
     except (ReportError, KeyError) as exc:
-        from loadtest.chaos import ChaosError
-
         raise ChaosError(f"hostile_traffic: no usable Locust stats: {exc}") from None
-    seen = [old]  # the distinct pid sets in order: each change is a restart
-    for pids in pid_sets:
-        if pids != seen[-1]:
-            seen.append(pids)
+    # The distinct pid sets in order: each change is a restart.
+    seen = pid_changes([old, *pid_sets])
     restarts = len(seen) - 1
     figures = {
         "good_requests": good.requests,

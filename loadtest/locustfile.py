@@ -34,6 +34,7 @@ from client.retry import WORKER_DIED_ONLY
 from client.tokens import resolve_token
 from loadtest.images import ImageSourceError, load_images
 from loadtest.slo import RETRIED_SUFFIX
+from serving.properties import DEFAULT_MODEL_NAME
 
 GRPC_REQUEST_TYPE = "grpc"
 REST_NAME = "predict"
@@ -47,7 +48,7 @@ SETTINGS: dict[str, object] = {}
 def add_options(parser) -> None:  # type: ignore[no-untyped-def]
     group = parser.add_argument_group("segserve")
     group.add_argument("--grpc-host", default="127.0.0.1:7070", help="gRPC inference host:port")
-    group.add_argument("--model-name", default="segmenter")
+    group.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
     group.add_argument("--rest-weight", type=int, default=1, help="share of REST users (0: none)")
     group.add_argument("--grpc-weight", type=int, default=1, help="share of gRPC users (0: none)")
     group.add_argument("--images", default="", help="folder of images (default: synthetic set)")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.slo import ReportError, Slo, write_report
+from serving.properties import DEFAULT_MODEL_NAME
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 RESULTS = Path("loadtest/results")
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", default="http://127.0.0.1:8080", help="REST inference URL")
     parser.add_argument("--grpc-host", default="127.0.0.1:7070", help="gRPC inference host:port")
-    parser.add_argument("--model-name", default="segmenter")
+    parser.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
     parser.add_argument("--users", type=int, default=4)
     parser.add_argument("--spawn-rate", type=float, default=2.0, help="users started per second")
     parser.add_argument("--duration", default="30s", help="Locust --run-time: 30s, 2m, 1h")

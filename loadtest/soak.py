@@ -31,6 +31,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from loadtest.stats import pid_changes
+from loadtest.workers import worker_pids
+from serving.properties import DEFAULT_MODEL_NAME
+
 RESULTS = Path("loadtest/results")
 
 
@@ -140,8 +144,6 @@ class RssSampler:
         self._t0 = time.monotonic()
 
     def _run(self) -> None:
-        from loadtest.chaos import worker_pids
-
         frontend = None
         while not self._stop.is_set():
             try:
@@ -182,7 +184,7 @@ def judge(
     front = [(s.t, s.frontend_mb) for s in samples if s.frontend_mb is not None]
     front_steady = [(t, mb) for t, mb in front if t >= warmup_s]
     pid_sets = [s.pids for s in samples]
-    restarts = sum(1 for a, b in zip(pid_sets, pid_sets[1:], strict=False) if a != b)
+    restarts = max(len(pid_changes(pid_sets)) - 1, 0)
     slope, front_slope = fit_slope(steady), fit_slope(front_steady)
     figures = {
         **totals,
@@ -230,7 +232,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-weight", type=int, default=1)
     p.add_argument("--config", type=Path, default=Path("config.properties"))
     p.add_argument("--model-store", type=Path, default=Path("model_archives"))
-    p.add_argument("--model-name", default="segmenter")
+    p.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
     p.add_argument("--sample-every", type=float, default=5.0, help="seconds between RSS samples")
     p.add_argument("--warmup", default="", help="left out of the slope (default: 20%% of run)")
     p.add_argument("--max-slope", type=float, default=2.0, help="worker MB/min after warm-up")

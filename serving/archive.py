@@ -43,8 +43,9 @@ from typing import Any
 
 import yaml
 
+from handler.artifact import METADATA_FILE, MODEL_FILE, MetadataError, ModelMetadata, load_metadata
 from handler.imaging import DEFAULT_MAX_PIXELS
-from handler.metadata import MetadataError, ModelMetadata, load_metadata
+from serving.properties import DEFAULT_MODEL_NAME
 
 HANDLER_DIR = Path(__file__).resolve().parent.parent / "handler"
 ENTRY_POINT = "segmenter_handler.py"
@@ -60,7 +61,7 @@ class ArchiveError(RuntimeError):
 class ArchiveOptions:
     """Everything ``model-config.yaml`` and the archive name are made of."""
 
-    model_name: str = "segmenter"
+    model_name: str = DEFAULT_MODEL_NAME
     version: str | None = None  # None: the metadata's model_version
     batch_size: int = 8
     max_batch_delay_ms: int = 10
@@ -126,11 +127,11 @@ def check_export_dir(export_dir: Path) -> tuple[Path, ModelMetadata]:
     hint = "run `make export` (or `python -m training export --run-dir RUN_DIR`) first"
     if not export_dir.is_dir():
         raise ArchiveError(f"export dir {export_dir} does not exist: {hint}")
-    model_pt = export_dir / "model.pt"
+    model_pt = export_dir / MODEL_FILE
     if not model_pt.is_file():
         raise ArchiveError(f"{model_pt} is missing: {hint}")
     try:
-        meta = load_metadata(export_dir / "metadata.json")
+        meta = load_metadata(export_dir / METADATA_FILE)
     except MetadataError as exc:
         raise ArchiveError(f"{exc} ({hint})") from None
     return model_pt, meta
@@ -220,7 +221,7 @@ def build_archive(export_dir: str | Path, out_dir: str | Path, options: ArchiveO
         tmp = Path(tmp_name)
         stage = tmp / "extra"
         _stage_handler(stage)
-        shutil.copy2(model_pt.with_name("metadata.json"), stage / "metadata.json")
+        shutil.copy2(model_pt.with_name(METADATA_FILE), stage / METADATA_FILE)
         config_file = tmp / "model-config.yaml"
         config_file.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         built = tmp / "out"

@@ -14,6 +14,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# The project's defaults (README "Default names and ports"): TorchServe's own ports, and the
+# name a model is served under unless a recipe or a flag says otherwise.
+DEFAULT_MODEL_NAME = "segmenter"
+INFERENCE_PORT = 8080
+MANAGEMENT_PORT = 8081
+METRICS_PORT = 8082
+GRPC_INFERENCE_PORT = 7070
+GRPC_MANAGEMENT_PORT = 7071
+
 
 def parse_properties(text: str) -> dict[str, str]:
     """``key=value`` / ``key:value`` lines; ``#``/``!`` comments; a bare key maps to ``""``."""

@@ -12,7 +12,8 @@ What ``start`` does that a bare ``torchserve --start`` does not:
   (``/tmp/.ts.sock.9000``) and its extracted models in the temp dir, so two servers on one
   machine (a test run beside ``make serve``) would otherwise collide;
 * reads the tokens from ``key_file.json`` (written in the working directory) and polls the
-  management API until the workers are READY;
+  management API until the workers are READY (:func:`describe_workers`,
+  :func:`wait_workers_ready`: the one place that reads worker states, loadtest uses it too);
 * fails fast with the tail of TorchServe's logs if a port is busy or the model does not load,
   and stops what it started.
 
@@ -26,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import re
@@ -41,7 +43,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.properties import read_properties
+from serving.properties import (
+    GRPC_INFERENCE_PORT,
+    GRPC_MANAGEMENT_PORT,
+    INFERENCE_PORT,
+    MANAGEMENT_PORT,
+    METRICS_PORT,
+    read_properties,
+)
 
 STATE_FILE = "segserve_server.json"
 KEY_FILE = "key_file.json"
@@ -72,11 +81,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 class Ports:
     """The five ports TorchServe listens on."""
 
-    inference: int = 8080
-    management: int = 8081
-    metrics: int = 8082
-    grpc_inference: int = 7070
-    grpc_management: int = 7071
+    inference: int = INFERENCE_PORT
+    management: int = MANAGEMENT_PORT
+    metrics: int = METRICS_PORT
+    grpc_inference: int = GRPC_INFERENCE_PORT
+    grpc_management: int = GRPC_MANAGEMENT_PORT
 
     @classmethod
     def free(cls) -> Ports:
@@ -166,12 +175,12 @@ def listen_ports(props: dict[str, str]) -> dict[str, tuple[str, int]]:
     ports = {
         key: _host_port(props.get(key, default))
         for key, default in (
-            ("inference_address", "http://127.0.0.1:8080"),
-            ("management_address", "http://127.0.0.1:8081"),
-            ("metrics_address", "http://127.0.0.1:8082"),
+            ("inference_address", f"http://127.0.0.1:{INFERENCE_PORT}"),
+            ("management_address", f"http://127.0.0.1:{MANAGEMENT_PORT}"),
+            ("metrics_address", f"http://127.0.0.1:{METRICS_PORT}"),
         )
     }
-    for kind, default in (("inference", 7070), ("management", 7071)):
+    for kind, default in (("inference", GRPC_INFERENCE_PORT), ("management", GRPC_MANAGEMENT_PORT)):
         host = props.get(f"grpc_{kind}_address", "127.0.0.1")
         ports[f"grpc_{kind}_port"] = (host, int(props.get(f"grpc_{kind}_port", default)))
     return ports
@@ -240,6 +249,52 @@ def read_keys(workdir: Path) -> dict[str, str] | None:
         return None
 
 
+def describe_workers(
+    management_url: str, key: str | None, model: str, timeout: float = 5.0
+) -> list[dict[str, Any]]:
+    """The workers of ``model`` as the management API describes them (``pid``, ``status``...).
+
+    Raises ServerError when the API does not answer, answers anything but 200, or answers
+    something that is not a model description.
+    """
+    try:
+        status, described = _http_json(f"{management_url}/models/{model}", key, timeout)
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        raise ServerError(f"management API {management_url} did not answer: {exc}") from None
+    if status != 200:
+        raise ServerError(f"describing {model} at {management_url}: HTTP {status}")
+    try:
+        return [w for version in described or [] for w in version.get("workers") or []]
+    except (TypeError, AttributeError):
+        raise ServerError(f"not a description of {model}: {str(described)[:200]}") from None
+
+
+def _all_ready(workers: list[dict[str, Any]]) -> bool:
+    return bool(workers) and all(w.get("status") == "READY" for w in workers)
+
+
+def wait_workers_ready(
+    management_url: str,
+    key: str | None,
+    model: str,
+    timeout_s: float = 120.0,
+    poll_s: float = 0.25,
+    request_timeout: float = 5.0,
+) -> list[dict[str, Any]]:
+    """The workers of ``model`` once every one of them is READY (ServerError after
+    ``timeout_s``); a management API that does not answer yet counts as not ready."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            workers = describe_workers(management_url, key, model, request_timeout)
+        except ServerError:
+            workers = []
+        if _all_ready(workers):
+            return workers
+        time.sleep(poll_s)
+    raise ServerError(f"workers of {model} not READY after {timeout_s:.0f} s")
+
+
 def _workers_ready(management_url: str, key: str, names: list[str]) -> bool:
     if not names:
         status, listing = _http_json(f"{management_url}/models", key)
@@ -247,11 +302,11 @@ def _workers_ready(management_url: str, key: str, names: list[str]) -> bool:
             return False
         names = [m["modelName"] for m in listing["models"]]
     for name in names:
-        status, described = _http_json(f"{management_url}/models/{name}", key)
-        if status != 200 or not described:
+        try:
+            workers = describe_workers(management_url, key, name)
+        except ServerError:
             return False
-        workers = described[0].get("workers") or []
-        if not workers or any(w.get("status") != "READY" for w in workers):
+        if not _all_ready(workers):
             return False
     return True
 
@@ -370,7 +425,9 @@ def _wait_ready(
     props: dict[str, str], workdir: Path, log_dir: Path, pid: int, timeout_s: float
 ) -> ServerInfo:
     names = model_names(props)
-    management_url = _client_url(props.get("management_address", "http://127.0.0.1:8081"))
+    management_url = _client_url(
+        props.get("management_address", f"http://127.0.0.1:{MANAGEMENT_PORT}")
+    )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not _alive(pid):
@@ -385,11 +442,15 @@ def _wait_ready(
             ready = False  # not listening yet
         if ready:
             return ServerInfo(
-                inference_url=_client_url(props.get("inference_address", "http://127.0.0.1:8080")),
+                inference_url=_client_url(
+                    props.get("inference_address", f"http://127.0.0.1:{INFERENCE_PORT}")
+                ),
                 management_url=management_url,
-                metrics_url=_client_url(props.get("metrics_address", "http://127.0.0.1:8082")),
-                grpc_inference_port=int(props.get("grpc_inference_port", 7070)),
-                grpc_management_port=int(props.get("grpc_management_port", 7071)),
+                metrics_url=_client_url(
+                    props.get("metrics_address", f"http://127.0.0.1:{METRICS_PORT}")
+                ),
+                grpc_inference_port=int(props.get("grpc_inference_port", GRPC_INFERENCE_PORT)),
+                grpc_management_port=int(props.get("grpc_management_port", GRPC_MANAGEMENT_PORT)),
                 inference_key=keys["inference"],
                 management_key=keys["management"],
                 model_name=",".join(names) or "all",

@@ -14,7 +14,8 @@
 from __future__ import annotations
 
 import atexit
-import json
+import contextlib
+import io
 from pathlib import Path
 from typing import Any
 
@@ -33,27 +34,22 @@ def free_port() -> int:
     return _free_port()
 
 
-def tiny_metadata(num_classes: int = 4, input_size=(64, 64), resize_policy="resize") -> dict:
-    """Metadata following docs/architecture.md schema_version 1 exactly."""
+def tiny_metadata(num_classes: int = 4, input_size=(64, 64), resize_policy="resize"):
+    """The tiny model's ``ModelMetadata`` (every field set; ``export`` comes from the export)."""
+    from handler.artifact import ModelMetadata
     from handler.preprocessing import PreprocessSpec
 
     names = (TINY_CLASSES + [f"class_{i}" for i in range(4, num_classes)])[:num_classes]
-    extra = [[(37 * i) % 256, (91 * i) % 256, (53 * i) % 256] for i in range(4, num_classes)]
-    palette = (TINY_PALETTE + extra)[:num_classes]
-    spec = PreprocessSpec(input_size=tuple(input_size), resize_policy=resize_policy)
-    return {
-        "schema_version": 1,
-        "model_name": "segmenter",
-        "model_version": "1.0",
-        "architecture": "Unet",
-        "encoder": "resnet18",
-        "encoder_weights": None,
-        "num_classes": num_classes,
-        "class_names": names,
-        "palette": palette,
-        "ignore_index": 255,
-        "preprocess": spec.to_dict(),
-        "metrics": {
+    extra = [((37 * i) % 256, (91 * i) % 256, (53 * i) % 256) for i in range(4, num_classes)]
+    return ModelMetadata(
+        model_name="segmenter",
+        model_version="1.0",
+        architecture="Unet",
+        encoder="resnet18",
+        class_names=tuple(names),
+        palette=tuple((TINY_PALETTE + extra)[:num_classes]),
+        preprocess=PreprocessSpec(input_size=tuple(input_size), resize_policy=resize_policy),
+        metrics={
             "miou": 0.5,
             "pixel_accuracy": 0.8,
             "mean_accuracy": 0.6,
@@ -61,47 +57,39 @@ def tiny_metadata(num_classes: int = 4, input_size=(64, 64), resize_policy="resi
             "boundary_f1": 0.4,
             "per_class_iou": {n: 0.5 for n in names},
         },
-        "recipe": {"model": {"arch": "Unet", "encoder": "resnet18"}, "note": "tests/conftest.py"},
-        "source_checkpoint": "tests/tiny/best.pt",
-        "export": {
-            "format": "torchscript",
-            "method": "trace",
-            "torch_version": "test",
-            "parity": {
-                "max_abs_logit_diff": 0.0,
-                "argmax_equal": True,
-                "sizes": [list(input_size)],
-            },
-        },
-        "serving": {"cuda_half": False, "cuda_channels_last": False},
-    }
+        recipe={"model": {"arch": "Unet", "encoder": "resnet18"}, "note": "tests/conftest.py"},
+        source_checkpoint="tests/tiny/best.pt",
+    )
 
 
 def build_tiny_export(out_dir: Path, seed: int = 0, **meta_overrides: Any) -> Path:
-    """Trace a small random smp Unet and write model.pt + metadata.json into ``out_dir``."""
+    """A small random smp Unet exported by ``training.export.export_model`` into ``out_dir``
+    (parity checked on two blobby images, as a real export is on validation images)."""
+    import numpy as np
     import segmentation_models_pytorch as smp
     import torch
+    from PIL import Image
+
+    from training.export import export_model
 
     meta = tiny_metadata(**meta_overrides)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    from handler.runtime import quiet_torchscript
-
-    with torch.random.fork_rng(), quiet_torchscript():
+    with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = smp.create_model(
             "Unet",
             encoder_name="resnet18",
             encoder_weights=None,
-            classes=meta["num_classes"],
+            classes=meta.num_classes,
             encoder_depth=3,
             decoder_channels=(16, 8, 8),
         ).eval()
-        h, w = meta["preprocess"]["input_size"]
-        with torch.no_grad():
-            traced = torch.jit.freeze(torch.jit.trace(model, torch.zeros(1, 3, h, w)))
-        text = json.dumps(meta, indent=2)
-        torch.jit.save(traced, str(out_dir / "model.pt"), _extra_files={"metadata.json": text})
-    (out_dir / "metadata.json").write_text(text, encoding="utf-8")
+    rng = np.random.default_rng(seed)
+    images = [
+        np.asarray(Image.fromarray(rng.integers(0, 256, (6, 8, 3), np.uint8)).resize((80, 60)))
+        for _ in range(2)
+    ]
+    with contextlib.redirect_stdout(io.StringIO()):  # the per-size parity lines
+        export_model(model, meta, images, out_dir)
     return out_dir
 
 

@@ -31,7 +31,7 @@ EXIT_USER_ERROR = 2
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is the whole story: print it, no traceback."""
-    from handler.metadata import MetadataError
+    from handler.artifact import MetadataError
     from training.checkpoint import CheckpointError
     from training.datasets import DataError
 
@@ -114,7 +114,7 @@ def check_data(recipe: Any) -> tuple[dict[str, int], list[str]]:
     Each problem is the data error's own message, which names the file and the fix.
     """
     from training.datasets import DataError, build_dataset
-    from training.metadata import resolve_preprocess_spec
+    from training.resolve import resolve_preprocess_spec
 
     spec = resolve_preprocess_spec(recipe)
     counts: dict[str, int] = {}

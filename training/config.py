@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from serving.properties import DEFAULT_MODEL_NAME
+
 
 class ConfigError(ValueError):
     """A recipe that cannot be used; the message names the key and the fix."""
@@ -152,7 +154,7 @@ class ExportConfig:
     parity_atol: float = 1e-4
     # Extra (H, W) sizes, multiples of 32, on which parity is also checked.
     parity_sizes: list[tuple[int, int]] = field(default_factory=list)
-    model_name: str = "segmenter"
+    model_name: str = DEFAULT_MODEL_NAME
     model_version: str = "1.0"
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from handler.artifact import parse_metadata
 from handler.preprocessing import PreprocessSpec
 from training.metrics import BoundaryF1, ConfusionMatrix, jsonable
 from training.predict import Model, segment
@@ -216,13 +217,9 @@ def run_evaluation(
     checkpoint = Path(checkpoint) if checkpoint else run_dir / "checkpoints" / "best.pt"
     ckpt = load_checkpoint(checkpoint)
     recipe = recipe_from_dict(ckpt["recipe"])
-    meta = ckpt["metadata"]
-    spec = PreprocessSpec.from_dict(meta["preprocess"])
-    target = EvalTarget(
-        class_names=tuple(meta["class_names"]),
-        palette=tuple(tuple(int(c) for c in rgb) for rgb in meta["palette"]),
-        ignore_index=int(meta.get("ignore_index", 255)),
-    )
+    meta = parse_metadata(ckpt["metadata"])
+    spec = meta.preprocess
+    target = EvalTarget(meta.class_names, meta.palette, meta.ignore_index)
     model = model_from_checkpoint(ckpt).to(device)
     dataset = build_dataset(recipe.data, "val", spec, train=False)
     out_dir = run_dir / "eval"

@@ -31,13 +31,21 @@ import json
 import os
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from handler.metadata import MetadataError, parse_metadata
+from handler.artifact import (
+    METADATA_FILE,
+    MODEL_FILE,
+    ExportInfo,
+    MetadataError,
+    ModelMetadata,
+    parse_metadata,
+)
 from handler.preprocessing import (
     SIZE_DIVISOR,
     PreprocessSpec,
@@ -47,8 +55,6 @@ from handler.preprocessing import (
 from handler.runtime import load_scripted_model, quiet_torchscript
 from training.metrics import jsonable
 
-MODEL_FILE = "model.pt"
-METADATA_FILE = "metadata.json"
 ONNX_FILE = "model.onnx"
 PARITY_BATCH_SIZES = (1, 2)
 
@@ -135,7 +141,7 @@ def load_torchscript(path: Path, device: str = "cpu") -> tuple[torch.jit.ScriptM
     return module.eval(), embedded
 
 
-def load_exported(export_dir: Path, device: str = "cpu") -> tuple[Model, dict]:
+def load_exported(export_dir: Path, device: str = "cpu") -> tuple[Model, ModelMetadata]:
     """The exported model and its metadata; ``metadata.json`` must match the embedded copy."""
     model_path, meta_path = export_dir / MODEL_FILE, export_dir / METADATA_FILE
     if not model_path.is_file():
@@ -151,10 +157,38 @@ def load_exported(export_dir: Path, device: str = "cpu") -> tuple[Model, dict]:
                 f"{meta_path} differs from the metadata embedded in {model_path}: the files "
                 "come from different exports; re-run the export"
             )
-        return module, beside
-    if not embedded:
+    elif not embedded:
         raise ExportError(f"{meta_path} not found and {model_path} embeds no metadata")
-    return module, embedded
+    else:
+        beside = embedded
+    try:
+        return module, parse_metadata(beside)
+    except MetadataError as exc:
+        raise ExportError(f"{meta_path}: {exc}") from None
+
+
+def write_export(
+    module: torch.jit.ScriptModule, metadata: ModelMetadata, export_dir: Path
+) -> tuple[Path, Path]:
+    """The one writer of an export: ``model.pt`` (metadata embedded) + ``metadata.json``.
+
+    Example:
+        >>> import tempfile
+        >>> meta = ModelMetadata("m", "1", ("bg", "fg"), ((0, 0, 0), (9, 9, 9)),
+        ...                      PreprocessSpec(input_size=(32, 32)))
+        >>> with quiet_torchscript():
+        ...     module = torch.jit.script(torch.nn.Conv2d(3, 2, 1))
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     model_path, meta_path = write_export(module, meta, Path(tmp))
+        ...     load_exported(Path(tmp))[1] == meta
+        True
+    """
+    text = metadata.to_json()
+    export_dir.mkdir(parents=True, exist_ok=True)
+    model_path, meta_path = export_dir / MODEL_FILE, export_dir / METADATA_FILE
+    save_torchscript(module, model_path, text)
+    meta_path.write_text(text + "\n", encoding="utf-8")
+    return model_path, meta_path
 
 
 # --- ONNX ---------------------------------------------------------------------------------------
@@ -303,7 +337,7 @@ def check_parity(
 
 def export_model(
     model: torch.nn.Module,
-    metadata: dict,
+    metadata: ModelMetadata,
     images: Sequence[np.ndarray],
     export_dir: Path,
     method: str = "trace",
@@ -311,13 +345,15 @@ def export_model(
     extra_sizes: Sequence[Sequence[int]] = (),
     onnx: bool = False,
 ) -> dict[str, Any]:
-    """Export an eager model with its metadata (everything but ``export``) into ``export_dir``.
+    """Export an eager model with its metadata (its ``export`` section is set here) into
+    ``export_dir``.
 
     ``images`` are real RGB uint8 validation images for the parity check. Returns the report
-    (paths, parity figures, tracer warnings); nothing is written if parity fails.
+    (paths, parity figures, tracer warnings, the written metadata as a dict); nothing is
+    written if parity fails.
     """
     model = model.cpu().eval()
-    spec = PreprocessSpec.from_dict(metadata["preprocess"])
+    spec = metadata.preprocess
     batches = parity_batches(images, spec, parity_sizes(spec.input_size, extra_sizes))
     module, tracer_warnings = to_torchscript(model, batches[0], method)
     parity = check_parity(model, module, batches, parity_atol, f"torchscript ({method})")
@@ -328,31 +364,29 @@ def export_model(
         onnx_path = export_dir / ONNX_FILE
         to_onnx(model, batches[1], onnx_path)  # batch 2: a batch of 1 would be specialised
         onnx_parity = check_parity(model, onnx_runner(onnx_path), batches, parity_atol, "onnx")
-        onnx_section = {"file": ONNX_FILE, "parity": onnx_parity}
+        onnx_section = {"file": ONNX_FILE, "parity": jsonable(onnx_parity)}
         report["onnx_path"] = str(onnx_path)
-    full = dict(metadata)
-    full.setdefault("serving", {"cuda_half": False, "cuda_channels_last": False})
-    full["export"] = {
-        "format": "torchscript",
-        "method": method,
-        "torch_version": torch.__version__.split("+")[0],
-        "parity": parity,
-        "onnx": onnx_section,
-    }
-    full = jsonable(full)
-    try:
-        parse_metadata(full)
-    except MetadataError as exc:
-        raise ExportError(f"the checkpoint's metadata is not servable: {exc}") from None
-    text = json.dumps(full, indent=2)
-    save_torchscript(module, export_dir / MODEL_FILE, text)
-    (export_dir / METADATA_FILE).write_text(text + "\n", encoding="utf-8")
+    info = ExportInfo(
+        format="torchscript",
+        method=method,
+        torch_version=torch.__version__.split("+")[0],
+        parity=jsonable(parity),
+        onnx=onnx_section,
+    )
+    # numpy scalars from the metrics become plain JSON numbers
+    full = replace(
+        metadata,
+        metrics=jsonable(dict(metadata.metrics)),
+        recipe=jsonable(dict(metadata.recipe)),
+        export=info,
+    )
+    model_path, meta_path = write_export(module, full, export_dir)
     report.update(
-        model_path=str(export_dir / MODEL_FILE),
-        metadata_path=str(export_dir / METADATA_FILE),
+        model_path=str(model_path),
+        metadata_path=str(meta_path),
         parity=parity,
         onnx_parity=onnx_section["parity"] if onnx_section else None,
-        metadata=full,
+        metadata=full.to_dict(),
     )
     return report
 
@@ -382,23 +416,28 @@ def export_run(
     from training.checkpoint import load_checkpoint
     from training.config import recipe_from_dict
     from training.datasets import build_dataset
-    from training.metadata import metrics_summary
     from training.model import model_from_checkpoint
+    from training.resolve import metrics_summary
 
     run_dir = Path(run_dir)
     checkpoint = Path(checkpoint) if checkpoint else run_dir / "checkpoints" / "best.pt"
     ckpt = load_checkpoint(checkpoint)
     recipe = recipe_from_dict(ckpt["recipe"])
     model = model_from_checkpoint(ckpt)
-    metadata = dict(ckpt["metadata"])
-    metadata["model_name"] = recipe.export.model_name
-    metadata["model_version"] = recipe.export.model_version
-    metadata["source_checkpoint"] = str(checkpoint)
+    try:
+        metadata = parse_metadata(ckpt["metadata"])
+    except MetadataError as exc:
+        raise ExportError(f"{checkpoint}: its metadata is not servable: {exc}") from None
+    metadata = replace(
+        metadata,
+        model_name=recipe.export.model_name,
+        model_version=recipe.export.model_version,
+        source_checkpoint=str(checkpoint),
+    )
     evaluated = _eval_metrics(run_dir, checkpoint)
     if evaluated:
-        metadata["metrics"] = metrics_summary(evaluated, list(metadata["class_names"]))
-    spec = PreprocessSpec.from_dict(metadata["preprocess"])
-    dataset = build_dataset(recipe.data, "val", spec, train=False)
+        metadata = replace(metadata, metrics=metrics_summary(evaluated, metadata.class_names))
+    dataset = build_dataset(recipe.data, "val", metadata.preprocess, train=False)
     images = [dataset.load_raw(i)[0] for i in range(min(2, len(dataset)))]
     return export_model(
         model,

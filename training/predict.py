@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from handler.artifact import ModelMetadata
 from handler.errors import InputError
 from handler.imaging import DEFAULT_MAX_PIXELS, decode_image
-from handler.metadata import ModelMetadata, parse_metadata
 from handler.preprocessing import (
     PreprocessSpec,
     collate,
@@ -104,11 +104,7 @@ class Predictor:
         """Load ``export_dir/model.pt`` and its ``metadata.json``."""
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise PredictError(f"device {device!r} requested but CUDA is not available; use cpu")
-        model, raw = export.load_exported(Path(export_dir), device)
-        try:
-            metadata = parse_metadata(raw)
-        except ValueError as exc:
-            raise PredictError(f"{export_dir}: {exc}") from None
+        model, metadata = export.load_exported(Path(export_dir), device)
         return cls(model, metadata, device=device, max_pixels=max_pixels)
 
     @property

@@ -42,9 +42,9 @@ from training.checkpoint import (
 )
 from training.config import ConfigError, Recipe, save_recipe
 from training.losses import build_loss
-from training.metadata import build_metadata, resolve_preprocess_spec
 from training.metrics import ConfusionMatrix
 from training.model import build_model
+from training.resolve import build_metadata, resolve_preprocess_spec
 from training.schedule import build_optimizer, build_scheduler
 
 # Keys a resumed run may change; anything else would make "resume" a different experiment.
@@ -536,9 +536,10 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
             ckpt = trainer.state_dict() | {"recipe": recipe.to_dict(), "metrics": metrics}
             if state.best_epoch == epoch + 1:
                 meta = build_metadata(recipe, info, spec, metrics, str(best_path))
-                save_checkpoint(best_path, ckpt | {"metadata": meta})
+                save_checkpoint(best_path, ckpt | {"metadata": meta.to_dict()})
             meta = build_metadata(recipe, info, spec, metrics, str(last_path))
-            save_checkpoint(last_path, ckpt | {"metadata": meta})  # a crash resumes from here
+            # a crash resumes from here
+            save_checkpoint(last_path, ckpt | {"metadata": meta.to_dict()})
             write_history(run_dir, history)
             plot_curves(history, run_dir / "curves.png")
             tqdm.write(

@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from serving.properties import DEFAULT_MODEL_NAME
+
 if __package__ in (None, ""):  # run as a script: make `k8s.tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -45,7 +47,7 @@ class Target:
 
     overlay: Path
     image_ref: str | None = None
-    model_name: str = "segmenter"
+    model_name: str = DEFAULT_MODEL_NAME
     deployment: str = "segserve"
     service: str = "segserve"
     service_port: int = 8080

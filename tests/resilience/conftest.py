@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from loadtest.chaos import write_server_config
+from loadtest.fault_server import write_server_config
 from loadtest.hostile import png_claiming
 from serving.server import Ports, ServerError, start, stop
 

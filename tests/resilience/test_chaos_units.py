@@ -1,4 +1,5 @@
-"""Fast tests of the pure parts of loadtest.chaos / soak / hostile and of the hostile corpus."""
+"""Fast tests of the pure parts of the fault runs (loadtest.chaos, stats, fault_server), of
+loadtest.soak and loadtest.hostile, and of the hostile corpus."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pytest
 
 from handler.errors import InputError
 from handler.imaging import decode_image
-from loadtest import chaos, hostile, soak
-from loadtest.chaos import Outcome
+from loadtest import chaos, fault_server, hostile, soak
+from loadtest.stats import client_figures, in_flight_at, percentile, recovery_figures, summarize
+from loadtest.traffic import Outcome
 
 
 def steady_traffic(t0: float, t1: float, rate: float, latency: float = 0.1) -> list[Outcome]:
@@ -23,7 +25,7 @@ def test_recovery_figures_measure_the_gap_and_the_return():
     before = steady_traffic(0.0, 10.0, 10.0)
     dying = [Outcome(9.95, 10.2, 507, "Worker died.")]
     after = steady_traffic(14.0, 20.0, 10.0)
-    figures = chaos.recovery_figures(before + dying + after, t_event=10.0)
+    figures = recovery_figures(before + dying + after, t_event=10.0)
     assert figures["baseline_rps"] == pytest.approx(10.0, abs=0.2)
     assert figures["first_success_s"] == pytest.approx(4.1, abs=0.01)
     # steady_s is the start of the first 2 s window at >= 80 % of the baseline: within
@@ -32,18 +34,18 @@ def test_recovery_figures_measure_the_gap_and_the_return():
 
 
 def test_recovery_figures_when_nothing_comes_back():
-    figures = chaos.recovery_figures(steady_traffic(0.0, 10.0, 5.0), t_event=10.0)
+    figures = recovery_figures(steady_traffic(0.0, 10.0, 5.0), t_event=10.0)
     assert figures["first_success_s"] is None and figures["steady_s"] is None
 
 
 def test_summarize_and_in_flight():
     outcomes = [Outcome(0, 1, 200), Outcome(0.5, 2.5, 507, "x"), Outcome(2, 3, 0, "ReadTimeout")]
-    summary = chaos.summarize(outcomes)
+    summary = summarize(outcomes)
     assert (summary["requests"], summary["ok"], summary["failed"]) == (3, 1, 2)
     assert summary["statuses"] == {"0": 1, "200": 1, "507": 1}
     assert summary["p50_ms"] == 1000.0
-    assert chaos.in_flight_at(outcomes, 0.7) == 2 and chaos.in_flight_at(outcomes, 2.2) == 2
-    assert chaos.percentile([5, 1, 3, 2, 4], 50) == 3 and chaos.percentile([], 95) == 0.0
+    assert in_flight_at(outcomes, 0.7) == 2 and in_flight_at(outcomes, 2.2) == 2
+    assert percentile([5, 1, 3, 2, 4], 50) == 3 and percentile([], 95) == 0.0
 
 
 def test_scenario_result_needs_checks_to_pass():
@@ -58,7 +60,7 @@ def test_add_fault_handler_rewrites_the_manifest(tmp_path):
     with zipfile.ZipFile(mar, "w") as z:
         z.writestr("MAR-INF/MANIFEST.json", json.dumps(manifest))
         z.writestr("model.pt", b"weights")
-    chaos.add_fault_handler(mar)
+    fault_server.add_fault_handler(mar)
     with zipfile.ZipFile(mar) as z:
         assert json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["handler"] == "fault_handler.py"
         assert z.read("model.pt") == b"weights"
@@ -71,7 +73,7 @@ def test_add_fault_handler_rewrites_the_manifest(tmp_path):
 def test_write_server_config_overrides_and_absolute_paths(tmp_path):
     from serving.properties import read_properties
 
-    path = chaos.write_server_config(tmp_path / "c.properties", {"job_queue_size": 3})
+    path = fault_server.write_server_config(tmp_path / "c.properties", {"job_queue_size": 3})
     props = read_properties(path)
     assert props["job_queue_size"] == "3"
     assert props["metrics_config"].startswith("/") and props["metrics_config"].endswith(
@@ -249,13 +251,13 @@ def test_client_figures_separate_raw_and_user_visible_failures():
         retried = ["WorkerDied: x", "WorkerDied: x", "RetryableServerError: busy"]
 
     outcomes = [Outcome(0, 1, 200), Outcome(1, 2, 200), Outcome(2, 3, 500, "boom")]
-    figures = chaos.client_figures(Sender(), outcomes)
+    figures = client_figures(Sender(), outcomes)
     assert (figures["requests"], figures["failed"], figures["retried"]) == (3, 1, 3)
     assert figures["retried_errors"] == ["RetryableServerError: busy", "WorkerDied: x"]
 
 
 def test_the_fault_handler_module_matches_the_header_chaos_sends():
-    from loadtest import chaos, fault_handler
+    from loadtest import fault_handler
 
-    assert fault_handler.FAULT_HEADER == chaos.FAULT_HEADER.lower()
-    assert chaos.FAULT_HANDLER_FILE.read_text().startswith('"""Fault injection')
+    assert fault_handler.FAULT_HEADER == fault_server.FAULT_HEADER.lower()
+    assert fault_server.FAULT_HANDLER_FILE.read_text().startswith('"""Fault injection')

@@ -20,10 +20,15 @@ import pytest
 import requests
 
 from client.retry import RetryPolicy
-from handler.runtime import quiet_torchscript
+from handler.artifact import METADATA_FILE, load_metadata
 from loadtest import chaos
+from loadtest.fault_server import build_fault_archive
+from loadtest.stats import client_figures
+from loadtest.traffic import ClientSender, TrafficLoop
+from loadtest.workers import wait_workers_ready, worker_pids
 from serving.archive import ArchiveOptions, build_archive
 from serving.server import stop
+from training.export import write_export
 
 pytestmark = [pytest.mark.serving, pytest.mark.slow]
 QUEUE_SIZE = 2
@@ -40,15 +45,7 @@ def write_broken_export(tiny_export, out_dir):
                 raise RuntimeError("simulated model bug: a layer lost its weights")
             return x
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    meta = (tiny_export / "metadata.json").read_text()
-    with quiet_torchscript():
-        torch.jit.save(
-            torch.jit.script(Broken()),
-            str(out_dir / "model.pt"),
-            _extra_files={"metadata.json": meta},
-        )
-    (out_dir / "metadata.json").write_text(meta)
+    write_export(torch.jit.script(Broken()), load_metadata(tiny_export / METADATA_FILE), out_dir)
     return out_dir
 
 
@@ -56,7 +53,7 @@ def write_broken_export(tiny_export, out_dir):
 def fault_server(tiny_export, tmp_path_factory, special_server):
     """Fault-handler archive (batch 1, responseTimeout 3 s) + a broken model; queue of 2."""
     store = tmp_path_factory.mktemp("fault_store")
-    chaos.build_fault_archive(
+    build_fault_archive(
         tiny_export,
         store,
         batch_size=1,
@@ -101,7 +98,7 @@ def _replaced(info, killed: list[int], timeout_s: float = 60) -> list[int]:
     """The new worker pids once none of ``killed`` is listed READY any more."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        pids = chaos.wait_workers_ready(info)
+        pids = wait_workers_ready(info)
         if not set(pids) & set(killed):
             return pids
         time.sleep(0.25)
@@ -116,11 +113,11 @@ def test_a_killed_worker_costs_the_client_nothing(tiny_archive, torchserve_facto
     """
     info = torchserve_factory(tiny_archive)  # batch 4, one worker
     policy = RetryPolicy(attempts=4, base_delay=0.2, max_delay=2.0)
-    senders = [chaos.ClientSender(info, protocol, policy) for protocol in ("rest", "grpc")]
-    loops = [chaos.TrafficLoop(info, scene_images, 3, request=s).start() for s in senders]
+    senders = [ClientSender(info, protocol, policy) for protocol in ("rest", "grpc")]
+    loops = [TrafficLoop(info, scene_images, 3, request=s).start() for s in senders]
     kills, started = 0, time.monotonic()
     try:
-        pids = chaos.wait_workers_ready(info)
+        pids = wait_workers_ready(info)
         while kills < 3 and not all(s.retried for s in senders):
             time.sleep(1.5)  # traffic flowing on the (new) worker
             for pid in pids:
@@ -135,7 +132,7 @@ def test_a_killed_worker_costs_the_client_nothing(tiny_archive, torchserve_facto
         for sender in senders:
             sender.close()
         stop(info.workdir)
-    figures = {s.protocol: chaos.client_figures(s, outcomes[s.protocol]) for s in senders}
+    figures = {s.protocol: client_figures(s, outcomes[s.protocol]) for s in senders}
     print(f"\n{kills} kill(s) in {time.monotonic() - started:.1f} s: {json.dumps(figures)}")
     for protocol, f in figures.items():
         assert f["requests"] > 10 and f["failed"] == 0, (protocol, f)
@@ -146,7 +143,7 @@ def test_a_killed_worker_costs_the_client_nothing(tiny_archive, torchserve_facto
 
 def test_model_bug_is_a_500_with_the_message_not_a_hang(fault_server, scene_images):
     auth = {"Authorization": f"Bearer {fault_server.inference_key}"}
-    pids = chaos.worker_pids(fault_server, "broken")
+    pids = worker_pids(fault_server, "broken")
     for _ in range(2):
         resp = requests.post(
             f"{fault_server.inference_url}/predictions/broken",
@@ -158,7 +155,7 @@ def test_model_bug_is_a_500_with_the_message_not_a_hang(fault_server, scene_imag
         error = resp.json()
         assert "model forward failed" in error["message"], error
         assert "simulated model bug" in error["message"], error
-    assert chaos.worker_pids(fault_server, "broken") == pids  # the worker survived
+    assert worker_pids(fault_server, "broken") == pids  # the worker survived
 
 
 def test_overload_gets_fast_503s_and_retries_succeed(fault_server, scene_images):

@@ -151,7 +151,7 @@ def with_batch_mates(info, send_hostile, good: list[bytes]):
 
 
 def test_hostile_rest_fields_never_kill_a_worker_or_a_batch_mate(torchserve, offline):
-    from loadtest.chaos import worker_pids
+    from loadtest.workers import worker_pids
 
     png = png_of(48, 80, seed=1)
     good = [png_of(40, 56, seed=s) for s in (10, 11, 12)]
@@ -213,7 +213,7 @@ def grpc_cases(png: bytes) -> list[tuple[str, dict[str, bytes], int, str]]:
 
 
 def test_hostile_grpc_inputs_unary_and_stream(torchserve, offline):
-    from loadtest.chaos import worker_pids
+    from loadtest.workers import worker_pids
 
     pb2, stub, channel = grpc_stub(torchserve)
     metadata = [("authorization", f"Bearer {torchserve.inference_key}")]
@@ -273,7 +273,7 @@ def test_grpc_invalid_utf8_key_is_refused_cleanly(torchserve):
     is refused by the frontend's parser with a clear status, without reaching a worker."""
     import grpc
 
-    from loadtest.chaos import worker_pids
+    from loadtest.workers import worker_pids
 
     pids = worker_pids(torchserve)
     entry = _field(1, b"\xff\xfekey") + _field(2, png_of(16, 16))

@@ -90,7 +90,7 @@ def test_grpc_corpus_subset(torchserve, corpus, offline):
 
 
 def test_server_healthy_and_exact_after_the_corpus(torchserve, corpus, offline, scene_images):
-    from loadtest.chaos import worker_pids
+    from loadtest.workers import worker_pids
 
     pids = worker_pids(torchserve)
     for case in corpus:  # once more, back to back, then the health check

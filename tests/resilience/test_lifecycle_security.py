@@ -17,7 +17,8 @@ import grpc
 import pytest
 import requests
 
-from loadtest import chaos
+from loadtest.stats import summarize
+from loadtest.traffic import TrafficLoop
 from serving.archive import ArchiveOptions, build_archive
 from serving.server import stop
 
@@ -71,7 +72,7 @@ def versions(info) -> dict[str, dict]:
 
 def test_rollout_under_traffic_loses_no_request(api_server, scene_images):
     t0 = time.monotonic()
-    loop = chaos.TrafficLoop(api_server, scene_images, concurrency=3, timeout=20).start()
+    loop = TrafficLoop(api_server, scene_images, concurrency=3, timeout=20).start()
     steps: list[tuple[str, int, str]] = []
 
     def step(name: str, method: str, path: str, **params) -> None:
@@ -94,7 +95,7 @@ def test_rollout_under_traffic_loses_no_request(api_server, scene_images):
     finally:
         outcomes = loop.stop()
     assert all(200 <= status < 300 for _, status, _ in steps), steps
-    summary = chaos.summarize(outcomes)
+    summary = summarize(outcomes)
     print(f"\nrollout: {summary}; steps: {[(n, s) for n, s, _ in steps]}")
     assert summary["requests"] > 20, summary
     failed = [(round(o.start - t0, 2), round(o.end - t0, 2), o.error) for o in outcomes if not o.ok]

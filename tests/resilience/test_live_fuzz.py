@@ -106,7 +106,7 @@ def test_live_fuzz_rest_and_grpc(torchserve):
     import grpc
 
     from client.grpc_stubs import load_stubs
-    from loadtest.chaos import worker_pids
+    from loadtest.workers import worker_pids
 
     pids = worker_pids(torchserve)
     url = f"{torchserve.inference_url}/predictions/segmenter"

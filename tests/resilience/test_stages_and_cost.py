@@ -13,9 +13,8 @@ classes than its metadata was served silently (200), and the post-processing of 
 
 from __future__ import annotations
 
+import dataclasses
 import io
-import json
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +25,7 @@ import requests
 from PIL import Image
 
 from serving.archive import ArchiveOptions
+from training.export import load_exported, write_export
 
 pytestmark = [pytest.mark.serving, pytest.mark.slow]
 
@@ -53,13 +53,16 @@ def stage_server(tmp_path_factory, make_export, special_server):
     root = tmp_path_factory.mktemp("stages")
     good = make_export(root / "good")
     bad = root / "mismatch"
-    shutil.copytree(good, bad)
-    meta = json.loads((bad / "metadata.json").read_text())
-    meta["num_classes"] += 1
-    meta["class_names"].append("phantom")
-    meta["palette"].append([255, 0, 255])
-    meta["metrics"]["per_class_iou"]["phantom"] = 0.0
-    (bad / "metadata.json").write_text(json.dumps(meta))
+    # The same model under metadata that claims one class more than it outputs.
+    module, meta = load_exported(good)
+    per_class = dict(meta.metrics["per_class_iou"], phantom=0.0)
+    phantom = dataclasses.replace(
+        meta,
+        class_names=(*meta.class_names, "phantom"),
+        palette=(*meta.palette, (255, 0, 255)),
+        metrics=dict(meta.metrics, per_class_iou=per_class),
+    )
+    write_export(module, phantom, bad)
     store = root / "store"
     for name, export in (("segmenter", good), ("mismatch", bad)):
         options = ArchiveOptions(
@@ -85,7 +88,7 @@ def post(info, body: bytes, output: str | None = None, model: str = "segmenter",
 
 
 def test_a_too_large_answer_is_its_own_413(stage_server, offline, scene_images):
-    from loadtest.chaos import worker_pids
+    from loadtest.workers import worker_pids
 
     noise = np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8)
     big = png(noise)  # its PNG overlay is ~1.5 MB, above the 1 MiB limit
@@ -107,7 +110,7 @@ def test_a_too_large_answer_is_its_own_413(stage_server, offline, scene_images):
 
 
 def test_a_model_that_disagrees_with_its_metadata_answers_500_json(stage_server, scene_images):
-    from loadtest.chaos import worker_pids
+    from loadtest.workers import worker_pids
 
     pids = worker_pids(stage_server, "mismatch")
     with ThreadPoolExecutor(3) as pool:
@@ -132,7 +135,7 @@ def _peak_rss_mb(pid: int) -> float:
 def test_a_maximum_size_request_has_a_bounded_peak(stage_server, offline, capsys):
     """The largest image ``max_pixels`` allows (8000x5000), as a small PNG: peak worker RSS
     grows by less than ``PEAK_BUDGET_MB`` and the mask still equals the offline one."""
-    from loadtest.chaos import worker_pids
+    from loadtest.workers import worker_pids
 
     ramp = np.linspace(0, 255, 8000, dtype=np.float32).astype(np.uint8)
     rgb = np.empty((5000, 8000, 3), np.uint8)

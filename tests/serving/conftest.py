@@ -28,41 +28,23 @@ def random_image(height: int, width: int, seed: int) -> np.ndarray:
 
 
 class Reference:
-    """Offline prediction with the same export: handler.preprocessing + torch.jit.load.
+    """Offline masks from ``training.predict.Predictor``, the one offline reference.
 
-    ``batched=True`` runs the images as one batch (N >= 2): on CPU, oneDNN may pick another
-    convolution kernel for N == 1 than for N > 1 (logits differ by ~1e-6), so a served batch is
-    compared with an offline batch and a single request with a single forward.
+    ``batched=True`` runs the images as one ``predict_batch`` (N >= 2): on CPU, oneDNN may pick
+    another convolution kernel for N == 1 than for N > 1 (logits differ by ~1e-6), so a served
+    batch is compared with an offline batch and a single request with a single forward.
     """
 
     def __init__(self, export_dir: Path) -> None:
-        from handler.metadata import load_metadata
-        from handler.runtime import load_scripted_model
+        from training.predict import Predictor
 
-        self.meta = load_metadata(export_dir / "metadata.json")
-        self.model = load_scripted_model(export_dir / "model.pt")
+        self.predictor = Predictor.from_export(export_dir)
+        self.meta = self.predictor.metadata
 
     def predict(self, images: list[np.ndarray], batched: bool = False) -> list[np.ndarray]:
-        import torch
-
-        from handler.preprocessing import (
-            collate,
-            logits_to_prediction,
-            prepare_image,
-            rgb_array_to_tensor,
-        )
-
-        spec = self.meta.preprocess
-        groups = [images] if batched else [[img] for img in images]
-        masks = []
-        with torch.inference_mode():
-            for group in groups:
-                prepared = [prepare_image(rgb_array_to_tensor(img), spec) for img in group]
-                logits = self.model(collate([x for x, _ in prepared], spec))
-                for j, (_, geometry) in enumerate(prepared):
-                    mask, _ = logits_to_prediction(logits[j], geometry)
-                    masks.append(mask.numpy())
-        return masks
+        if batched:
+            return [mask for mask, _ in self.predictor.predict_batch(images)]
+        return [self.predictor.predict(image)[0] for image in images]
 
 
 @pytest.fixture(scope="session")

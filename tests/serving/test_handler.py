@@ -125,3 +125,24 @@ def test_all_bad_batch_still_answers_each(service):
     codes = [json.loads(o)["code"] for o in out]
     assert codes == [400, 415, 400]
     assert [service.context.get_response_status(i)[0] for i in range(3)] == codes
+
+
+@pytest.mark.parametrize("header", ["describe", "explain"])
+def test_a_mode_header_never_changes_the_batch(service, header, caplog):
+    """BaseHandler.handle switches to describe/explain mode on request 0's header of that name
+    and answers one item for the whole batch; from a client that must stay an ordinary
+    request, and its batch-mates keep their answers. HandlerTime is emitted (by BaseHandler)."""
+    good = png((np.arange(24 * 32 * 3) % 251).astype(np.uint8).reshape(24, 32, 3))
+    caplog.set_level(logging.INFO)
+    out = run_batch(
+        service,
+        [
+            ({"body": ("application/octet-stream", good)}, {header: "True"}),
+            ({"body": ("application/octet-stream", good)}, {}),
+        ],
+    )
+    assert len(out) == 2
+    assert [service.context.get_response_status(i)[0] for i in range(2)] == [200, 200]
+    assert [Image.open(io.BytesIO(o)).size for o in out] == [(32, 24), (32, 24)]
+    lines = [r.getMessage() for r in caplog.records if "[METRICS]" in r.getMessage()]
+    assert any("HandlerTime.Milliseconds:" in m for m in lines), lines

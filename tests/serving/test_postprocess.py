@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from handler.metadata import parse_metadata
+from handler.artifact import parse_metadata
 from handler.postprocess import class_confidences, class_fractions, encode_output, json_body
 from handler.request import CONTENT_TYPES, OUTPUT_FORMATS
 

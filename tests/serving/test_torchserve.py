@@ -5,12 +5,15 @@ from __future__ import annotations
 import io
 import json
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import requests
 from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.serving, pytest.mark.slow]
 
@@ -133,34 +136,32 @@ def test_bad_inputs_get_4xx_json_and_the_worker_survives(torchserve, helpers):
 def test_prometheus_shows_the_custom_metrics(torchserve, helpers):
     helpers.rest_predict(torchserve, b"")  # one rejection, reason empty
     assert helpers.rest_predict(torchserve, helpers.png_bytes(helpers.random_image(32, 32, 9)))
-    names = {
-        "segserve_preprocess_seconds",
-        "segserve_inference_seconds",
-        "segserve_postprocess_seconds",
-        "segserve_batch_size",
-        "segserve_input_megapixels",
-        "segserve_class_pixel_fraction",
-        "segserve_class_confidence",
-    }
+    import yaml
+
+    # Every model metric handler/metrics.yaml declares must reach Prometheus (emitted or removed).
+    declared = yaml.safe_load((REPO / "handler" / "metrics.yaml").read_text())["model_metrics"]
+    names = {m["name"] for m in declared.get("histogram", [])}
+    gauges = {m["name"] for m in declared.get("gauge", [])}  # HandlerTime, PredictionTime (ts)
+    counters = {m["name"].removesuffix("_total") for m in declared.get("counter", [])}
+    assert counters == {"segserve_rejected_inputs"}, counters
     deadline = time.monotonic() + 30  # the frontend parses worker logs asynchronously
     while True:
         families = helpers.scrape(torchserve)
         rejected = families.get("segserve_rejected_inputs", []) + families.get(
             "segserve_rejected_inputs_total", []
         )
-        done = names | {"HandlerTime"} <= set(families) and rejected
+        done = names | gauges <= set(families) and rejected
         if done or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert names <= set(families), sorted(set(families))
+    assert names | gauges <= set(families), sorted(set(families))
     for name in names:
         counts = [s for s in families[name] if s.name == f"{name}_count"]
         assert counts and all(s.labels["ModelName"] == "segmenter" for s in counts), name
-    # TorchServe's own gauge, emitted by BaseHandler.handle, which segserve's handler replaces.
-    handler_time = [
-        s for s in families.get("HandlerTime", []) if s.labels["ModelName"] == "segmenter"
-    ]
-    assert handler_time and all(s.value > 0 for s in handler_time), families.get("HandlerTime")
+    # TorchServe's own gauges: HandlerTime from BaseHandler.handle, PredictionTime from ts.service.
+    for gauge in gauges:
+        samples = [s for s in families[gauge] if s.labels["ModelName"] == "segmenter"]
+        assert samples and all(s.value > 0 for s in samples), (gauge, families[gauge])
     class_names = {s.labels["ClassName"] for s in families["segserve_class_pixel_fraction"]}
     assert class_names == {"background", "road", "building", "sky"}
     reasons = {s.labels["Reason"]: s.value for s in rejected if s.name.endswith("_total")}

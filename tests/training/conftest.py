@@ -16,8 +16,8 @@ from PIL import Image
 from training.checkpoint import save_checkpoint
 from training.config import Recipe
 from training.datasets import dataset_info, voc_palette
-from training.metadata import build_metadata, resolve_preprocess_spec
 from training.model import build_model
+from training.resolve import build_metadata, resolve_preprocess_spec
 
 H, W = 24, 32
 
@@ -132,7 +132,9 @@ def write_untrained_checkpoint(
         "model": build_model(recipe.model, info.num_classes).state_dict(),
         "epoch": 1,
         "recipe": recipe.to_dict(),
-        "metadata": build_metadata(recipe, info, resolve_preprocess_spec(recipe), metrics, None),
+        "metadata": build_metadata(
+            recipe, info, resolve_preprocess_spec(recipe), metrics, None
+        ).to_dict(),
         "metrics": {},
     }
     path = run_dir / "checkpoints" / "best.pt"

@@ -17,9 +17,9 @@ from training.checkpoint import CheckpointError, load_checkpoint
 from training.config import recipe_from_dict
 from training.datasets import build_dataset, dataset_info
 from training.evaluate import EvalTarget, colourise, overlay_indices, overlay_panel, run_evaluation
-from training.metadata import resolve_preprocess_spec
 from training.metrics import BoundaryF1, ConfusionMatrix
 from training.model import model_from_checkpoint
+from training.resolve import resolve_preprocess_spec
 
 from .conftest import write_untrained_checkpoint
 

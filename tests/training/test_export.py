@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from handler.metadata import parse_metadata
+from handler.artifact import parse_metadata
 from handler.preprocessing import PreprocessSpec, prepare_image, rgb_array_to_tensor
 from training.config import recipe_from_dict
 from training.datasets import build_dataset, dataset_info
@@ -22,7 +23,7 @@ from training.export import (
     load_exported,
     parity_sizes,
 )
-from training.metadata import build_metadata, resolve_preprocess_spec
+from training.resolve import build_metadata, resolve_preprocess_spec
 
 from .conftest import write_untrained_checkpoint
 
@@ -78,7 +79,7 @@ def test_export_run_writes_torchscript_and_metadata_with_parity(tmp_path: Path, 
     assert report["metadata"] == meta
 
     module, loaded_meta = load_exported(run_dir / "export")
-    assert loaded_meta == meta
+    assert loaded_meta.to_dict() == meta
     # The exported file reproduces the eager model on a real image at a size never traced.
     from training.checkpoint import load_checkpoint
     from training.model import model_from_checkpoint
@@ -151,9 +152,7 @@ def test_broken_trace_is_caught_at_another_size(tmp_path: Path) -> None:
         None,
         None,
     )
-    metadata["num_classes"] = 4
-    metadata["class_names"] = metadata["class_names"][:4]
-    metadata["palette"] = metadata["palette"][:4]
+    metadata = replace(metadata, class_names=metadata.class_names[:4], palette=metadata.palette[:4])
     images = val_images(tiny_run(tmp_path))
     with pytest.raises(ParityError, match=r"max \|logit diff\| .* > export.parity_atol .* 128\)"):
         export_model(

@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from handler.metadata import parse_metadata
+from handler.artifact import parse_metadata
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.config import ConfigError, Recipe, apply_overrides, load_recipe, recipe_from_dict
-from training.metadata import build_metadata, resolve_preprocess_spec
+from training.resolve import build_metadata, resolve_preprocess_spec
 from training.train import CSV_FIELDS, Runtime, resolve_amp, train
 
 TINY: dict[str, Any] = {
@@ -239,7 +239,8 @@ def test_build_metadata_matches_the_schema() -> None:
     info = dataset_info(recipe.data)
     metrics = {"miou": 0.5, "pixel_accuracy": 0.9, "per_class_iou": [0.1, 0.2, 0.3, 0.4, 0.5,
                float("nan")]}  # fmt: skip
-    meta = build_metadata(recipe, info, resolve_preprocess_spec(recipe), metrics, "x/best.pt")
+    built = build_metadata(recipe, info, resolve_preprocess_spec(recipe), metrics, "x/best.pt")
+    meta = built.to_dict()
     assert meta["schema_version"] == 1 and meta["num_classes"] == 6
     assert meta["palette"][1] == [230, 25, 75]
     assert meta["metrics"]["per_class_iou"]["disc"] == 0.2

@@ -1,4 +1,5 @@
-"""The model metadata (docs/architecture.md, schema_version 1) and its preprocessing spec.
+"""Recipe + dataset info → the model's :class:`~handler.artifact.ModelMetadata` (without its
+``export`` section, which the exporter adds).
 
 :func:`resolve_preprocess_spec` is the one place where input size, resize policy and mean/std
 are decided; training's transforms, the checkpoint, the export and the serving handler all
@@ -14,14 +15,14 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import segmentation_models_pytorch as smp
 
+from handler.artifact import ModelMetadata
 from handler.preprocessing import IMAGENET_MEAN, IMAGENET_STD, SIZE_DIVISOR, PreprocessSpec
 from training.config import Recipe
-
-SCHEMA_VERSION = 1
 
 
 class DatasetInfoLike(Protocol):
@@ -100,7 +101,7 @@ def _finite(value: Any) -> Any:
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def metrics_summary(metrics: dict | None, class_names: list[str]) -> dict[str, Any]:
+def metrics_summary(metrics: dict | None, class_names: Sequence[str]) -> dict[str, Any]:
     """Validation metrics → the metadata's ``metrics`` section (per-class IoU keyed by name).
 
     ``nan`` (a class absent from the validation set) becomes ``None``: JSON has no NaN.
@@ -128,15 +129,15 @@ def build_metadata(
     spec: PreprocessSpec,
     metrics: dict | None,
     source_checkpoint: str | None,
-) -> dict:
-    """The model metadata, every field but ``export`` (added by the exporter).
+) -> ModelMetadata:
+    """The model metadata, every field but ``export`` (set by the exporter).
 
     Example:
         >>> from types import SimpleNamespace
         >>> info = SimpleNamespace(class_names=["bg", "fg"], palette=[[0, 0, 0], [255, 0, 0]],
         ...                        ignore_index=255)
         >>> meta = build_metadata(Recipe(), info, resolve_preprocess_spec(Recipe()), None, None)
-        >>> meta["num_classes"], meta["preprocess"]["input_size"]
+        >>> meta.num_classes, meta.to_dict()["preprocess"]["input_size"]
         (2, [128, 128])
     """
     class_names = [str(n) for n in info.class_names]
@@ -146,20 +147,17 @@ def build_metadata(
             f"dataset info: {len(class_names)} class names but {len(palette)} palette entries; "
             "need one RGB triple per class"
         )
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "model_name": recipe.export.model_name,
-        "model_version": recipe.export.model_version,
-        "architecture": recipe.model.arch,
-        "encoder": recipe.model.encoder,
-        "encoder_weights": recipe.model.encoder_weights,
-        "num_classes": len(class_names),
-        "class_names": class_names,
-        "palette": palette,
-        "ignore_index": int(info.ignore_index),
-        "preprocess": spec.to_dict(),
-        "metrics": metrics_summary(metrics, class_names),
-        "recipe": recipe.to_dict(),
-        "source_checkpoint": source_checkpoint,
-        "serving": {"cuda_half": False, "cuda_channels_last": False},
-    }
+    return ModelMetadata(
+        model_name=recipe.export.model_name,
+        model_version=recipe.export.model_version,
+        architecture=recipe.model.arch,
+        encoder=recipe.model.encoder,
+        encoder_weights=recipe.model.encoder_weights,
+        class_names=tuple(class_names),
+        palette=tuple(tuple(rgb) for rgb in palette),
+        ignore_index=int(info.ignore_index),
+        preprocess=spec,
+        metrics=metrics_summary(metrics, class_names),
+        recipe=recipe.to_dict(),
+        source_checkpoint=source_checkpoint,
+    )

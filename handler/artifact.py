@@ -1,0 +1,258 @@
+"""The artifact contract: what an export (``model.pt`` + ``metadata.json``) is, in one place.
+
+Training builds a :class:`ModelMetadata` (``training.resolve.build_metadata``), the exporter
+(``training.export.write_export``) is the only writer of the two files, and the handler, the
+archiver and the offline ``Predictor`` read them back with :func:`load_metadata`. The JSON
+layout (``schema_version`` 1, docs/architecture.md) is :meth:`ModelMetadata.to_dict`; reading it
+back is :func:`parse_metadata`, which checks every field and names the bad one. Keys this
+version does not know are ignored, so an older reader can still serve a newer export's model.
+
+Example:
+    >>> meta = parse_metadata({
+    ...     "schema_version": 1, "model_name": "segmenter", "model_version": "1.0",
+    ...     "num_classes": 2, "class_names": ["background", "cat"],
+    ...     "palette": [[0, 0, 0], [255, 0, 0]],
+    ...     "preprocess": {"input_size": [64, 64]},
+    ... })
+    >>> meta.num_classes, meta.preprocess.input_size, meta.serving.cuda_half
+    (2, (64, 64), False)
+    >>> parse_metadata(meta.to_dict()) == meta
+    True
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from handler.preprocessing import PreprocessSpec
+
+SCHEMA_VERSION = 1
+MODEL_FILE = "model.pt"
+METADATA_FILE = "metadata.json"
+
+
+class MetadataError(ValueError):
+    """``metadata.json`` is missing, unreadable or inconsistent; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """Switches the handler honours on CUDA only (CPU always runs exact fp32)."""
+
+    cuda_half: bool = False
+    cuda_channels_last: bool = False
+
+    def to_dict(self) -> dict[str, bool]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """How ``model.pt`` was made: format, method, torch version and the parity figures."""
+
+    format: str = "torchscript"
+    method: str = "trace"
+    torch_version: str = ""
+    parity: Mapping[str, Any] = field(default_factory=dict)
+    onnx: Mapping[str, Any] | None = None  # {"file": ..., "parity": {...}} when ONNX was written
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "method": self.method,
+            "torch_version": self.torch_version,
+            "parity": dict(self.parity),
+            "onnx": dict(self.onnx) if self.onnx is not None else None,
+        }
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """Everything an export says about its model; ``to_dict()`` is the ``metadata.json``."""
+
+    model_name: str
+    model_version: str
+    class_names: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    preprocess: PreprocessSpec
+    ignore_index: int = 255
+    architecture: str = ""
+    encoder: str = ""
+    encoder_weights: str | None = None
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    recipe: Mapping[str, Any] = field(default_factory=dict)  # the resolved training recipe
+    source_checkpoint: str | None = None
+    serving: ServingOptions = ServingOptions()
+    export: ExportInfo | None = None  # None until the exporter has written model.pt
+
+    def __post_init__(self) -> None:
+        # Built in code (training, tests) as well as parsed: the same checks, tuples stored.
+        names = [str(n) for n in self.class_names]
+        _check_classes(names, len(names))
+        palette = _parse_palette([[int(c) for c in rgb] for rgb in self.palette], len(names))
+        object.__setattr__(self, "class_names", tuple(names))
+        object.__setattr__(self, "palette", palette)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``metadata.json`` object (key order as written since schema_version 1)."""
+        data: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "architecture": self.architecture,
+            "encoder": self.encoder,
+            "encoder_weights": self.encoder_weights,
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "palette": [list(rgb) for rgb in self.palette],
+            "ignore_index": self.ignore_index,
+            "preprocess": self.preprocess.to_dict(),
+            "metrics": dict(self.metrics),
+            "recipe": dict(self.recipe),
+            "source_checkpoint": self.source_checkpoint,
+            "serving": self.serving.to_dict(),
+        }
+        if self.export is not None:
+            data["export"] = self.export.to_dict()
+        return data
+
+    def to_json(self) -> str:
+        """The exact text of ``metadata.json`` (and of the copy embedded in ``model.pt``)."""
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _require(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    if key not in data:
+        raise MetadataError(f"metadata lacks {key!r}: re-export the model with `make export`")
+    value = data[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise MetadataError(f"metadata {key!r} must be {kind}, got {value!r}")
+    return value
+
+
+def _check_classes(names: Any, num_classes: int) -> None:
+    if num_classes < 2:
+        raise MetadataError(f"metadata 'num_classes' must be >= 2, got {num_classes}")
+    if not isinstance(names, list) or len(names) != num_classes:
+        ok = False
+    else:
+        ok = all(isinstance(n, str) and n for n in names)
+    if not ok:
+        raise MetadataError(
+            f"metadata 'class_names' needs num_classes={num_classes} non-empty strings, "
+            f"got {names!r}"
+        )
+    if len(set(names)) != len(names):
+        raise MetadataError(f"metadata 'class_names' has duplicates: {names!r}")
+
+
+def _parse_palette(raw: Any, num_classes: int) -> tuple[tuple[int, int, int], ...]:
+    if not isinstance(raw, list) or len(raw) != num_classes:
+        got = len(raw) if isinstance(raw, list) else type(raw).__name__
+        raise MetadataError(
+            f"metadata 'palette' needs num_classes={num_classes} entries, got {got}"
+        )
+    palette = []
+    for i, colour in enumerate(raw):
+        ok = isinstance(colour, list) and len(colour) == 3
+        ok = ok and all(isinstance(c, int) and not isinstance(c, bool) for c in colour)
+        if not ok or not all(0 <= c <= 255 for c in colour):
+            raise MetadataError(
+                f"metadata 'palette'[{i}] must be [r, g, b] in 0..255, got {colour}"
+            )
+        palette.append((colour[0], colour[1], colour[2]))
+    return tuple(palette)
+
+
+def _parse_serving(raw: Any) -> ServingOptions:
+    if raw is None:
+        return ServingOptions()
+    if not isinstance(raw, Mapping):
+        raise MetadataError(f"metadata 'serving' must be an object, got {raw!r}")
+    known = [f.name for f in fields(ServingOptions)]
+    unknown = set(raw) - set(known)
+    if unknown:
+        raise MetadataError(
+            f"metadata 'serving' has unknown keys {sorted(unknown)}; valid: {known}"
+        )
+    return ServingOptions(**{k: bool(raw[k]) for k in known if k in raw})
+
+
+def _parse_export(raw: Any) -> ExportInfo | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise MetadataError(f"metadata 'export' must be an object, got {raw!r}")
+    parity, onnx = raw.get("parity") or {}, raw.get("onnx")
+    if not isinstance(parity, Mapping) or not (onnx is None or isinstance(onnx, Mapping)):
+        raise MetadataError(f"metadata 'export' parity/onnx must be objects, got {dict(raw)!r}")
+    return ExportInfo(
+        format=str(raw.get("format", "torchscript")),
+        method=str(raw.get("method", "trace")),
+        torch_version=str(raw.get("torch_version", "")),
+        parity=dict(parity),
+        onnx=dict(onnx) if onnx is not None else None,
+    )
+
+
+def _mapping(data: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key) or {}
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def parse_metadata(data: Mapping[str, Any]) -> ModelMetadata:
+    """Validate a metadata dict (``num_classes == len(class_names) == len(palette)``, ...)."""
+    if not isinstance(data, Mapping):
+        raise MetadataError(f"metadata must be a JSON object, got {type(data).__name__}")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise MetadataError(
+            f"metadata 'schema_version' is {version!r}; this handler reads {SCHEMA_VERSION}"
+        )
+    num_classes = _require(data, "num_classes", int)
+    names = _require(data, "class_names", list)
+    _check_classes(names, num_classes)
+    try:
+        preprocess = PreprocessSpec.from_dict(_require(data, "preprocess", Mapping))
+    except (TypeError, ValueError) as exc:
+        raise MetadataError(f"metadata 'preprocess' is invalid: {exc}") from None
+    weights, source = data.get("encoder_weights"), data.get("source_checkpoint")
+    return ModelMetadata(
+        model_name=str(_require(data, "model_name", str)),
+        model_version=str(data.get("model_version", "")),
+        class_names=tuple(names),
+        palette=_parse_palette(data.get("palette"), num_classes),
+        preprocess=preprocess,
+        ignore_index=int(data.get("ignore_index", 255)),
+        architecture=str(data.get("architecture", "")),
+        encoder=str(data.get("encoder", "")),
+        encoder_weights=None if weights is None else str(weights),
+        metrics=_mapping(data, "metrics"),
+        recipe=_mapping(data, "recipe"),
+        source_checkpoint=None if source is None else str(source),
+        serving=_parse_serving(data.get("serving")),
+        export=_parse_export(data.get("export")),
+    )
+
+
+def load_metadata(path: str | Path) -> ModelMetadata:
+    """Read and validate ``metadata.json``; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MetadataError(f"{path} not found: export the model first (`make export`)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MetadataError(f"{path} is not readable JSON: {exc}") from None
+    try:
+        return parse_metadata(data)
+    except MetadataError as exc:
+        raise MetadataError(f"{path}: {exc}") from None

@@ -1,0 +1,127 @@
+"""The artifact contract: metadata validation (the field named) and every field round-tripped."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from handler.artifact import MetadataError, load_metadata, parse_metadata
+
+
+@pytest.fixture
+def meta_dict(tiny_export):
+    return json.loads((tiny_export / "metadata.json").read_text())
+
+
+def test_valid_metadata(meta_dict):
+    meta = parse_metadata(meta_dict)
+    assert meta.num_classes == 4 == len(meta.class_names) == len(meta.palette)
+    assert meta.preprocess.input_size == (64, 64)
+    assert meta.palette[1] == (128, 64, 128)
+    assert meta.serving.cuda_half is False and meta.metrics["miou"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda d: d.update(num_classes=5), "class_names"),
+        (lambda d: d["palette"].pop(), "palette"),
+        (lambda d: d["palette"].__setitem__(0, [0, 0, 300]), "palette"),
+        (lambda d: d["class_names"].__setitem__(1, "background"), "duplicates"),
+        (lambda d: d.pop("preprocess"), "preprocess"),
+        (lambda d: d["preprocess"].update(input_size=[60, 64]), "preprocess"),
+        (lambda d: d.update(schema_version=2), "schema_version"),
+        (lambda d: d.update(num_classes="4"), "num_classes"),
+        (lambda d: d.update(serving={"cuda_fp8": True}), "serving"),
+    ],
+)
+def test_inconsistent_metadata_names_the_field(meta_dict, change, field):
+    bad = copy.deepcopy(meta_dict)
+    change(bad)
+    with pytest.raises(MetadataError, match=field):
+        parse_metadata(bad)
+
+
+def test_load_metadata_errors_name_the_file(tmp_path):
+    with pytest.raises(MetadataError, match="make export"):
+        load_metadata(tmp_path / "metadata.json")
+    (tmp_path / "metadata.json").write_text("{not json")
+    with pytest.raises(MetadataError, match=str(tmp_path / "metadata.json")):
+        load_metadata(tmp_path / "metadata.json")
+
+
+def full_metadata():
+    """Every field set to something other than its default."""
+    from handler.artifact import ExportInfo, ModelMetadata, ServingOptions
+    from handler.preprocessing import PreprocessSpec
+
+    return ModelMetadata(
+        model_name="roads",
+        model_version="2.3",
+        class_names=("background", "road", "car"),
+        palette=((0, 0, 0), (128, 64, 128), (0, 0, 142)),
+        preprocess=PreprocessSpec(
+            input_size=(96, 160), resize_policy="pad", mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2)
+        ),
+        ignore_index=7,
+        architecture="FPN",
+        encoder="resnet34",
+        encoder_weights="imagenet",
+        metrics={"miou": 0.61, "per_class_iou": {"background": 0.9, "road": 0.7, "car": None}},
+        recipe={"model": {"arch": "FPN"}, "train": {"epochs": 3}},
+        source_checkpoint="runs/x/checkpoints/best.pt",
+        serving=ServingOptions(cuda_half=True, cuda_channels_last=True),
+        export=ExportInfo(
+            format="torchscript",
+            method="script",
+            torch_version="2.15.0",
+            parity={"max_abs_logit_diff": 1e-6, "argmax_equal": True, "sizes": [[96, 160]]},
+            onnx={"file": "model.onnx", "parity": {"argmax_equal": True}},
+        ),
+    )
+
+
+def test_every_field_round_trips_through_json_and_the_export_files(tmp_path):
+    import dataclasses
+
+    import torch
+
+    from handler.artifact import SCHEMA_VERSION, ModelMetadata
+    from handler.runtime import quiet_torchscript
+    from training.export import load_exported, write_export
+
+    meta = full_metadata()
+    data = meta.to_dict()
+    # Every dataclass field is written (a new field that to_dict forgets fails here) ...
+    names = {f.name for f in dataclasses.fields(ModelMetadata)}
+    assert names <= set(data) and data["schema_version"] == SCHEMA_VERSION
+    assert data["num_classes"] == 3
+    defaults = ModelMetadata("m", "1", ("a", "b"), ((0, 0, 0), (1, 1, 1)), meta.preprocess)
+    for name in names - {"preprocess"}:
+        assert getattr(meta, name) != getattr(defaults, name), f"full_metadata leaves {name}"
+    # ... and read back to an equal object, through JSON text and through the written files.
+    assert parse_metadata(json.loads(meta.to_json())) == meta
+    assert parse_metadata(data).to_dict() == data
+    with quiet_torchscript():
+        module = torch.jit.script(torch.nn.Conv2d(3, 3, 1))
+    write_export(module, meta, tmp_path)
+    _, loaded = load_exported(tmp_path)
+    assert loaded == meta
+    assert json.loads((tmp_path / "metadata.json").read_text()) == data
+
+
+def test_a_real_export_reads_back_to_the_same_json(meta_dict):
+    assert parse_metadata(meta_dict).to_dict() == meta_dict
+
+
+def test_metadata_built_in_code_is_checked_like_parsed_metadata():
+    from handler.artifact import ModelMetadata
+    from handler.preprocessing import PreprocessSpec
+
+    spec = PreprocessSpec(input_size=(32, 32))
+    with pytest.raises(MetadataError, match="palette"):
+        ModelMetadata("m", "1", ("a", "b"), ((0, 0, 0),), spec)
+    with pytest.raises(MetadataError, match="duplicates"):
+        ModelMetadata("m", "1", ("a", "a"), ((0, 0, 0), (1, 1, 1)), spec)
