@@ -21,6 +21,7 @@ import requests
 
 from client.retry import RetryPolicy
 from handler.artifact import METADATA_FILE, load_metadata
+from handler.runtime import quiet_torchscript
 from loadtest import chaos
 from loadtest.fault_server import build_fault_archive
 from loadtest.stats import client_figures
@@ -45,7 +46,9 @@ def write_broken_export(tiny_export, out_dir):
                 raise RuntimeError("simulated model bug: a layer lost its weights")
             return x
 
-    write_export(torch.jit.script(Broken()), load_metadata(tiny_export / METADATA_FILE), out_dir)
+    with quiet_torchscript():
+        module = torch.jit.script(Broken())
+    write_export(module, load_metadata(tiny_export / METADATA_FILE), out_dir)
     return out_dir
 
 
