@@ -9,8 +9,12 @@ RUN_DIR     ?= runs/default
 MODEL_NAME  ?= segmenter
 MODEL_VERSION ?= 1.0
 BATCH_SIZE  ?= 8
-MAX_BATCH_DELAY ?= 10
+MAX_BATCH_DELAY ?= 1
 ARGS        ?=
+# make export RUNTIMES=torchscript,onnx,onnx_int8 (default: the recipe's export.runtimes);
+# make archive RUNTIME=torchscript|onnx|onnx_int8 (default auto: the fastest here that passed)
+RUNTIMES    ?=
+RUNTIME     ?= auto
 NPROC       ?= 2
 # make loadtest: the local `make serve` by default
 HOST        ?= http://127.0.0.1:8080
@@ -18,6 +22,8 @@ GRPC_HOST   ?= 127.0.0.1:7070
 USERS       ?= 4
 SPAWN_RATE  ?= 2
 DURATION    ?= 30s
+# make loadtest: Locust worker processes under a local master (1: one process, no master)
+PROCESSES   ?= 1
 SLO_P95_MS  ?= 300
 SLO_ERROR_RATE ?= 0.01
 
@@ -52,12 +58,13 @@ train-ddp: install ## train CONFIG with torchrun on NPROC processes (DDP; gloo o
 evaluate: install ## evaluate RUN_DIR's best checkpoint: per-class table, confusion matrix, overlays
 	$(PY) -m training evaluate --run-dir $(RUN_DIR)
 
-export: install ## export RUN_DIR's best checkpoint to TorchScript + metadata, with a parity check
-	$(PY) -m training export --run-dir $(RUN_DIR)
+export: install ## export RUN_DIR's best checkpoint, parity-checked per runtime (RUNTIMES=torchscript,onnx,onnx_int8)
+	$(PY) -m training export --run-dir $(RUN_DIR) $(if $(RUNTIMES),--runtimes $(RUNTIMES))
 
-archive: install ## pack RUN_DIR/export into model_archives/$(MODEL_NAME).mar (+ manifest)
-	$(PY) -m serving.archive --export-dir $(RUN_DIR)/export --model-name $(MODEL_NAME) \
+archive: install ## pack RUN_DIR/export's RUNTIME (default auto) into model_archives/$(MODEL_NAME).mar (+ manifest)
+	$(PY) -m serving.archive --export-dir $(RUN_DIR)/export --model-name $(MODEL_NAME) --runtime $(RUNTIME) \
 		--version $(MODEL_VERSION) --batch-size $(BATCH_SIZE) --max-batch-delay $(MAX_BATCH_DELAY) \
+		$(if $(WORKERS),--min-workers $(WORKERS)) $(if $(THREADS),--threads $(THREADS)) \
 		--out-dir model_archives
 
 $(CKPT): | install
@@ -65,7 +72,7 @@ $(CKPT): | install
 $(RUN_DIR)/eval/metrics.json: $(CKPT)
 	$(PY) -m training evaluate --run-dir $(RUN_DIR)
 $(EXPORT): $(CKPT) $(RUN_DIR)/eval/metrics.json
-	$(PY) -m training export --run-dir $(RUN_DIR)
+	$(PY) -m training export --run-dir $(RUN_DIR) $(if $(RUNTIMES),--runtimes $(RUNTIMES))
 $(MAR): $(EXPORT)
 	$(MAKE) --no-print-directory archive
 $(SAMPLES): | install
@@ -99,10 +106,10 @@ lint: install ## ruff check + format check
 bench: install ## benchmark: TorchScript floor vs segserve (REST/gRPC, batching on/off) vs a naive FastAPI peer
 	$(PY) -m benchmarks.bench $(ARGS)
 
-loadtest: install ## Locust REST+gRPC load test + SLO report (HOST GRPC_HOST USERS SPAWN_RATE DURATION SLO_P95_MS)
+loadtest: install ## Locust REST+gRPC load test + SLO report (HOST GRPC_HOST USERS SPAWN_RATE DURATION SLO_P95_MS PROCESSES)
 	$(PY) -m loadtest.run --host $(HOST) --grpc-host $(GRPC_HOST) --users $(USERS) \
 		--spawn-rate $(SPAWN_RATE) --duration $(DURATION) --slo-p95-ms $(SLO_P95_MS) \
-		--slo-error-rate $(SLO_ERROR_RATE) $(ARGS)
+		--slo-error-rate $(SLO_ERROR_RATE) --processes $(PROCESSES) $(ARGS)
 
 soak: DURATION = 10m
 soak: install ## bounded Locust soak (DURATION=10m, USERS) + worker and frontend RSS slopes; needs `make archive`

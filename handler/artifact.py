@@ -34,6 +34,13 @@ SCHEMA_VERSION = 1
 MODEL_FILE = "model.pt"
 METADATA_FILE = "metadata.json"
 
+# The runtimes an export can carry and the file each one's model is in (docs/architecture.md
+# "Runtimes"). TorchScript is always there: it embeds the metadata and is the fp32 reference.
+TORCHSCRIPT, ONNX, ONNX_INT8 = "torchscript", "onnx", "onnx_int8"
+RUNTIME_FILES = {TORCHSCRIPT: MODEL_FILE, ONNX: "model.onnx", ONNX_INT8: "model.int8.onnx"}
+RUNTIMES = tuple(RUNTIME_FILES)
+ONNX_FILE, INT8_FILE = RUNTIME_FILES[ONNX], RUNTIME_FILES[ONNX_INT8]
+
 
 class MetadataError(ValueError):
     """``metadata.json`` is missing, unreadable or inconsistent; the message names the field."""
@@ -51,22 +58,64 @@ class ServingOptions:
 
 
 @dataclass(frozen=True)
+class RuntimeExport:
+    """One runtime's model file in an export and the figures that say it may be served.
+
+    fp32 runtimes (``torchscript``, ``onnx``): ``parity`` holds the max logit difference to
+    the eager model and ``argmax_equal`` (the export fails unless every pixel agrees). INT8
+    (``onnx_int8``): ``parity`` holds the argmax agreement fraction (no hard equality) and the
+    recipe's ``max_miou_drop``; ``val_miou``/``val_miou_fp32``/``miou_drop`` are the
+    validation-split mIoU of the INT8 and the TorchScript model and their difference.
+
+    >>> RuntimeExport("model.int8.onnx", {"max_miou_drop": 0.05}, 0.80, 0.82, 0.02).passed
+    True
+    """
+
+    file: str
+    parity: Mapping[str, Any] = field(default_factory=dict)
+    val_miou: float | None = None
+    val_miou_fp32: float | None = None
+    miou_drop: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        """True when the export-time check holds: argmax equal (fp32) or the mIoU drop within
+        ``parity.max_miou_drop`` (INT8)."""
+        if self.miou_drop is not None:
+            limit = self.parity.get("max_miou_drop")
+            return isinstance(limit, (int, float)) and self.miou_drop <= limit
+        return self.parity.get("argmax_equal") is True
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"file": self.file, "parity": dict(self.parity)}
+        for name in ("val_miou", "val_miou_fp32", "miou_drop"):
+            if getattr(self, name) is not None:
+                data[name] = getattr(self, name)
+        return data
+
+
+@dataclass(frozen=True)
 class ExportInfo:
-    """How ``model.pt`` was made: format, method, torch version and the parity figures."""
+    """How the export was made: ``model.pt``'s format and method, the torch version, and one
+    :class:`RuntimeExport` per runtime the export carries (``torchscript`` always)."""
 
     format: str = "torchscript"
     method: str = "trace"
     torch_version: str = ""
-    parity: Mapping[str, Any] = field(default_factory=dict)
-    onnx: Mapping[str, Any] | None = None  # {"file": ..., "parity": {...}} when ONNX was written
+    runtimes: Mapping[str, RuntimeExport] = field(default_factory=dict)
+
+    @property
+    def parity(self) -> Mapping[str, Any]:
+        """TorchScript's parity figures (``{}`` when the export has none)."""
+        ts = self.runtimes.get(TORCHSCRIPT)
+        return ts.parity if ts is not None else {}
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": self.format,
             "method": self.method,
             "torch_version": self.torch_version,
-            "parity": dict(self.parity),
-            "onnx": dict(self.onnx) if self.onnx is not None else None,
+            "runtimes": {name: rt.to_dict() for name, rt in self.runtimes.items()},
         }
 
 
@@ -186,20 +235,53 @@ def _parse_serving(raw: Any) -> ServingOptions:
     return ServingOptions(**{k: bool(raw[k]) for k in known if k in raw})
 
 
+def _parse_runtime(name: str, raw: Any) -> RuntimeExport:
+    where = f"metadata 'export.runtimes.{name}'"
+    if not isinstance(raw, Mapping):
+        raise MetadataError(f"{where} must be an object, got {raw!r}")
+    file, parity = raw.get("file"), raw.get("parity")
+    parity = {} if parity is None else parity
+    if not isinstance(file, str) or not file or Path(file).name != file:
+        raise MetadataError(f"{where}.file must be a file name in the export, got {file!r}")
+    if not isinstance(parity, Mapping):
+        raise MetadataError(f"{where}.parity must be an object, got {parity!r}")
+    figures = {}
+    for key in ("val_miou", "val_miou_fp32", "miou_drop"):
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise MetadataError(f"{where}.{key} must be a number, got {value!r}")
+        figures[key] = None if value is None else float(value)
+    return RuntimeExport(file=file, parity=dict(parity), **figures)
+
+
+def _parse_runtimes(raw: Mapping[str, Any]) -> dict[str, RuntimeExport]:
+    runtimes = raw.get("runtimes")
+    if runtimes is None:
+        # An export from before the runtimes section: TorchScript's parity at the top level,
+        # ONNX (if written) under "onnx".
+        parity, onnx = raw.get("parity") or {}, raw.get("onnx")
+        legacy: dict[str, Any] = {TORCHSCRIPT: {"file": MODEL_FILE, "parity": parity}}
+        if onnx is not None:
+            if not isinstance(onnx, Mapping):
+                raise MetadataError(f"metadata 'export.onnx' must be an object, got {onnx!r}")
+            legacy[ONNX] = {"file": ONNX_FILE, **onnx}
+        runtimes = legacy
+    if not isinstance(runtimes, Mapping):
+        raise MetadataError(f"metadata 'export.runtimes' must be an object, got {runtimes!r}")
+    # Runtimes this version does not know are skipped: it can still serve the ones it knows.
+    return {n: _parse_runtime(n, runtimes[n]) for n in RUNTIMES if n in runtimes}
+
+
 def _parse_export(raw: Any) -> ExportInfo | None:
     if raw is None:
         return None
     if not isinstance(raw, Mapping):
         raise MetadataError(f"metadata 'export' must be an object, got {raw!r}")
-    parity, onnx = raw.get("parity") or {}, raw.get("onnx")
-    if not isinstance(parity, Mapping) or not (onnx is None or isinstance(onnx, Mapping)):
-        raise MetadataError(f"metadata 'export' parity/onnx must be objects, got {dict(raw)!r}")
     return ExportInfo(
         format=str(raw.get("format", "torchscript")),
         method=str(raw.get("method", "trace")),
         torch_version=str(raw.get("torch_version", "")),
-        parity=dict(parity),
-        onnx=dict(onnx) if onnx is not None else None,
+        runtimes=_parse_runtimes(raw),
     )
 
 
@@ -240,6 +322,33 @@ def parse_metadata(data: Mapping[str, Any]) -> ModelMetadata:
         source_checkpoint=None if source is None else str(source),
         serving=_parse_serving(data.get("serving")),
         export=_parse_export(data.get("export")),
+    )
+
+
+def runtime_export(meta: ModelMetadata, runtime: str) -> RuntimeExport:
+    """``meta``'s section for ``runtime``, or a :class:`MetadataError` that says how to get it.
+
+    >>> meta = parse_metadata({"schema_version": 1, "model_name": "m", "num_classes": 2,
+    ...     "class_names": ["a", "b"], "palette": [[0, 0, 0], [1, 1, 1]],
+    ...     "preprocess": {"input_size": [32, 32]}})
+    >>> runtime_export(meta, "torchscript").file
+    'model.pt'
+    >>> try:
+    ...     runtime_export(meta, "onnx")
+    ... except MetadataError as exc:
+    ...     print(str(exc)[:71])
+    export has no model.onnx: re-export with export.runtimes including onnx
+    """
+    if runtime not in RUNTIMES:
+        raise MetadataError(f"runtime {runtime!r} is not one of {list(RUNTIMES)}")
+    runtimes = meta.export.runtimes if meta.export is not None else {}
+    if runtime in runtimes:
+        return runtimes[runtime]
+    if runtime == TORCHSCRIPT:  # every export has model.pt, figures or not
+        return RuntimeExport(MODEL_FILE)
+    raise MetadataError(
+        f"export has no {RUNTIME_FILES[runtime]}: re-export with export.runtimes including "
+        f"{runtime} (`make export RUNTIMES=torchscript,{runtime}`)"
     )
 
 

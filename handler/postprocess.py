@@ -90,14 +90,20 @@ def json_body(
     }
 
 
+# Formats whose body carries per-pixel confidence: only these pay for the full upsampling of
+# every class's logits (handler.preprocessing.logits_to_prediction).
+NEEDS_CONFIDENCE = frozenset({"json"})
+
+
 def encode_output(
     output: str,
     rgb: np.ndarray,
     mask: np.ndarray,
-    confidence: np.ndarray,
+    confidence: np.ndarray | None,
     meta: ModelMetadata,
 ) -> bytes:
-    """The response body for one image in format ``output`` (see handler.request)."""
+    """The response body for one image in format ``output`` (see handler.request); only
+    ``json`` reads ``confidence`` (see :data:`NEEDS_CONFIDENCE`)."""
     if output == "mask":
         return encode_mask_png(mask, meta.num_classes)
     if output == "color":
@@ -112,6 +118,8 @@ def encode_output(
                 f"{JPEG_MAX_DIMENSION} per side): ask for output=overlay (PNG) or mask",
             )
         return encode_overlay(rgb, mask, meta.palette, "JPEG")
-    if output == "json":
+    if output in NEEDS_CONFIDENCE:
+        if confidence is None:
+            raise ValueError(f"output {output!r} needs the per-pixel confidence")
         return json.dumps(json_body(mask, confidence, meta), separators=(",", ":")).encode()
     raise ValueError(f"unknown output format {output!r}")

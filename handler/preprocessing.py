@@ -198,39 +198,125 @@ def _resample_rows(
     return near.add_(torch.index_select(x, dim, i1).mul_(w1.view(shape)))
 
 
-def logits_to_prediction(
-    logits: torch.Tensor, geometry: Geometry, tile_elements: int = TILE_ELEMENTS
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One image's ``(C, H', W')`` logits → (class mask ``(H, W)``, confidence float32).
+def _first_argmax(x: torch.Tensor) -> torch.Tensor:
+    """Class ids of ``(C, ...)`` logits: the first index of the largest value (ties keep the
+    lower class), the rule :func:`_argmax_and_confidence` applies."""
+    top = x[0].clone()
+    ids = torch.zeros(x.shape[1:], dtype=torch.int64, device=x.device)
+    for c in range(1, x.shape[0]):
+        ids.masked_fill_(x[c] > top, c)
+        torch.maximum(top, x[c], out=top)
+    return ids
 
-    Logits are cropped to the image's content, upsampled (bilinear) to the original size, and
-    only then arg-maxed (the mask) and soft-maxed (the winner's probability): upsampling a
-    class mask instead loses edges. The upsampling runs in strips of output rows of at most
-    ``tile_elements`` floats, so a 40-megapixel answer costs tens of megabytes, not gigabytes.
-    Every output pixel is computed by the same elementwise operations whatever the strip
-    size, so the mask does not depend on ``tile_elements`` (tested bit for bit). The mask's
-    dtype is :func:`mask_dtype` of the class count.
+
+def _boundary_classes(
+    x: torch.Tensor,
+    boundary: torch.Tensor,
+    y_taps: tuple[torch.Tensor, ...],
+    x_taps: tuple[torch.Tensor, ...],
+    r0: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, columns, class ids) of the ``boundary`` pixels of the output strip starting at row
+    ``r0``, with the arithmetic of the full upsampling: the strip's low-resolution rows are
+    resampled across (as :func:`_resample_rows` does for the whole strip), then only the
+    boundary pixels are resampled down."""
+    ys, xs = torch.nonzero(boundary, as_tuple=True)
+    y0, y1, wy0, wy1 = y_taps
+    rows = ys + r0
+    lo, hi = int(y0[r0]), int(y1[r0 + boundary.shape[0] - 1]) + 1
+    across = _resample_rows(x[:, lo:hi], 2, x_taps, (1, 1, -1))
+    flat = across.reshape(across.shape[0], -1)
+    width = across.shape[2]
+    near = flat.index_select(1, (y0[rows] - lo) * width + xs).mul_(wy0[rows])
+    far = flat.index_select(1, (y1[rows] - lo) * width + xs).mul_(wy1[rows])
+    return rows, xs, _first_argmax(near.add_(far))
+
+
+def logits_to_prediction(
+    logits: torch.Tensor,
+    geometry: Geometry,
+    tile_elements: int = TILE_ELEMENTS,
+    with_confidence: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One image's ``(C, H', W')`` logits → (class mask ``(H, W)``, confidence float32 or None).
+
+    The mask is the argmax of the logits cropped to the image's content and upsampled
+    (bilinear) to the original size: upsampling a class mask instead loses edges. Where the
+    four low-resolution neighbours of an output pixel share one argmax, interpolation cannot
+    change it (a convex combination keeps the winner; ties keep the first class either way),
+    so only pixels near a class boundary get their upsampled logits computed; elsewhere the
+    neighbours' class is the answer. This is the one definition of a mask: the handler and
+    ``training.predict`` both call it.
+
+    ``with_confidence`` also returns the winner's softmax probability at every pixel, which
+    needs the full upsampling; it runs in strips of output rows of at most ``tile_elements``
+    floats, so a 40-megapixel answer costs tens of megabytes, not gigabytes. The result does
+    not depend on ``tile_elements`` (tested bit for bit). The mask's dtype is
+    :func:`mask_dtype` of the class count.
     """
     ch, cw = geometry.content_size
     num_classes = int(logits.shape[0])
     x = logits[:, :ch, :cw].to(torch.float32)
     height, width = geometry.original_size
-    mask = torch.empty((height, width), dtype=mask_dtype(num_classes), device=x.device)
-    confidence = torch.empty((height, width), dtype=torch.float32, device=x.device)
+    dtype = mask_dtype(num_classes)
     rows = max(1, tile_elements // max(num_classes * width, 1))
+    confidence = None
+    if with_confidence:
+        confidence = torch.empty((height, width), dtype=torch.float32, device=x.device)
     if (ch, cw) == (height, width):
+        mask = torch.empty((height, width), dtype=dtype, device=x.device)
+        if confidence is None:
+            return _first_argmax(x).to(dtype), None
         for r0 in range(0, height, rows):
             r1 = min(r0 + rows, height)
             _argmax_and_confidence(x[:, r0:r1], mask[r0:r1], confidence[r0:r1])
         return mask, confidence
-    y0, y1, wy0, wy1 = _bilinear_taps(ch, height, x.device)
-    across_taps = _bilinear_taps(cw, width, x.device)
+    y_taps = _bilinear_taps(ch, height, x.device)
+    x_taps = _bilinear_taps(cw, width, x.device)
+    # The class of each output pixel's neighbours: same across (columns x0/x1) and down.
+    low = _first_argmax(x).to(dtype)
+    left, right = low[:, x_taps[0]], low[:, x_taps[1]]
+    same_across = left == right
+    above, below = left[y_taps[0]], left[y_taps[1]]
+    uniform = same_across[y_taps[0]] & same_across[y_taps[1]] & (above == below)
+    mask = above
+    del left, right, below
+    if confidence is None:
+        for r0 in range(0, height, rows):
+            boundary = ~uniform[r0 : r0 + rows]
+            if bool(boundary.any()):
+                ys, xs, ids = _boundary_classes(x, boundary, y_taps, x_taps, r0)
+                mask[ys, xs] = ids.to(dtype)
+        return mask, None
+    full = torch.empty((height, width), dtype=dtype, device=x.device)
+    y0, y1, wy0, wy1 = y_taps
     for r0 in range(0, height, rows):
         r1 = min(r0 + rows, height)
         lo, hi = int(y0[r0]), int(y1[r1 - 1]) + 1
         # Width first, then height: the order F.interpolate's bilinear kernel uses.
-        across = _resample_rows(x[:, lo:hi], 2, across_taps, (1, 1, -1))
+        across = _resample_rows(x[:, lo:hi], 2, x_taps, (1, 1, -1))
         down_taps = (y0[r0:r1] - lo, y1[r0:r1] - lo, wy0[r0:r1], wy1[r0:r1])
         strip = _resample_rows(across, 1, down_taps, (1, -1, 1))
-        _argmax_and_confidence(strip, mask[r0:r1], confidence[r0:r1])
+        _argmax_and_confidence(strip, full[r0:r1], confidence[r0:r1])
+    # Boundary pixels from the full upsampling (the same arithmetic as above), the rest from
+    # their neighbours: one mask whether or not the confidence was asked for.
+    torch.where(uniform, mask, full, out=mask)
     return mask, confidence
+
+
+def model_resolution_prediction(
+    logits: torch.Tensor, geometry: Geometry
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class ids, winner's softmax probability) at the model's resolution, cropped to the
+    content: cheap per-class statistics (telemetry) without upsampling anything.
+
+    >>> ids, conf = model_resolution_prediction(torch.zeros(3, 4, 4), Geometry((8, 8), (2, 2)))
+    >>> ids.shape, round(float(conf[0, 0]), 3)
+    (torch.Size([2, 2]), 0.333)
+    """
+    ch, cw = geometry.content_size
+    x = logits[:, :ch, :cw].to(torch.float32)
+    ids = torch.empty((ch, cw), dtype=mask_dtype(int(logits.shape[0])), device=x.device)
+    confidence = torch.empty((ch, cw), dtype=torch.float32, device=x.device)
+    _argmax_and_confidence(x, ids, confidence)
+    return ids, confidence

@@ -1,7 +1,12 @@
-"""Load an exported TorchScript model the same way wherever it runs.
+"""Load an exported model the same way wherever it runs: the one model loader.
 
-The handler, the offline predictor and the benchmarks all call :func:`load_scripted_model`, so a
-served mask and an offline mask come from the same executor.
+:func:`load_model` turns a runtime's model file (``handler.artifact.RUNTIME_FILES``) into a
+callable ``(N, 3, H, W) float tensor -> (N, C, H, W) float tensor``: TorchScript through
+:func:`load_scripted_model`, ONNX and INT8 ONNX through an ONNX Runtime session (CPU execution
+provider; CUDA's when the device is CUDA and onnxruntime has it). The handler, the offline
+predictor (``training.predict.Predictor``), the export's parity check and the archiver's
+``--runtime auto`` timing all load through it, so a served mask and an offline mask come from
+the same executor. ``onnxruntime`` is imported only for the ONNX runtimes.
 
 Why the profiling executor is switched off: TorchScript's default (profiling) executor
 re-profiles and re-optimises a graph for the first calls of every new input shape. A server
@@ -14,11 +19,19 @@ fuses nothing by default, the numbers it produces are the same.
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from handler.artifact import ONNX, ONNX_INT8, RUNTIMES, TORCHSCRIPT
+
+logger = logging.getLogger(__name__)
+
+Model = Callable[[torch.Tensor], torch.Tensor]
 
 # torch 2.15 marks every torch.jit entry point deprecated with this warning; we know, and it is
 # still the format TorchServe's default path loads.
@@ -55,3 +68,84 @@ def load_scripted_model(
     with quiet_torchscript():
         kwargs = {"_extra_files": extra_files} if extra_files is not None else {}
         return torch.jit.load(str(path), map_location=device, **kwargs).eval()
+
+
+class OrtModel:
+    """An ONNX Runtime session as ``Tensor -> Tensor``: the input's numpy view in (copied to
+    host memory first when it lives on a GPU), the logits back as a tensor on ``device``.
+
+    Inputs are made contiguous float32, so a caller's ``half``/``channels_last`` switches
+    (TorchScript ones) cannot feed the session a layout or dtype it was not exported for.
+    """
+
+    def __init__(self, session: Any, device: torch.device, runtime: str) -> None:
+        self.session = session
+        self.device = device
+        self.runtime = runtime
+        self.input_name = session.get_inputs()[0].name
+        self.output_name = session.get_outputs()[0].name
+        self.providers = tuple(session.get_providers())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        (out,) = self.session.run([self.output_name], {self.input_name: array})
+        logits = torch.from_numpy(out)
+        return logits if self.device.type == "cpu" else logits.to(self.device)
+
+    def __repr__(self) -> str:
+        return f"OrtModel({self.runtime}, providers={list(self.providers)})"
+
+
+def ort_session(path: Path, device: torch.device, threads: int | None) -> Any:
+    """An ``onnxruntime.InferenceSession``: CUDA provider first on a CUDA device (when this
+    onnxruntime build has it), CPU otherwise; ``threads`` intra-op threads, one inter-op."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise RuntimeError(
+            f"{path}: the ONNX runtimes need onnxruntime (pip install onnxruntime, or "
+            "onnxruntime-gpu for CUDA); or serve the TorchScript archive (--runtime torchscript)"
+        ) from None
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+        else:
+            logger.warning("%s: onnxruntime has no CUDA provider here; running on CPU", path)
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def load_model(
+    path: str | Path,
+    runtime: str = TORCHSCRIPT,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+) -> Model:
+    """The model in ``path`` for ``runtime`` (one of ``handler.artifact.RUNTIMES``) as a
+    callable ``(N, 3, H, W) float -> (N, C, H, W) float`` on ``device``.
+
+    ``threads``: ONNX Runtime's intra-op thread count (``None``: its default, one per core);
+    TorchScript uses torch's process-wide setting (``torch.set_num_threads``), which this does
+    not change.
+
+    Example:
+        >>> model = load_model("model.int8.onnx", "onnx_int8", "cpu", threads=2)  # doctest: +SKIP
+        >>> load_model("model.trt", "tensorrt")
+        Traceback (most recent call last):
+        ...
+        ValueError: runtime 'tensorrt' is not one of ['torchscript', 'onnx', 'onnx_int8']
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime {runtime!r} is not one of {list(RUNTIMES)}")
+    path, device = Path(path), torch.device(device)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no {runtime} model file there (re-export, re-archive)")
+    if runtime == TORCHSCRIPT:
+        return load_scripted_model(path, device)
+    assert runtime in (ONNX, ONNX_INT8)
+    return OrtModel(ort_session(path, device, threads), device, runtime)

@@ -54,19 +54,26 @@ import torch  # noqa: E402
 from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
 from ts.utils.util import PredictionException  # noqa: E402
 
-from handler.artifact import METADATA_FILE, MODEL_FILE, load_metadata  # noqa: E402
+from handler.artifact import METADATA_FILE, MODEL_FILE, TORCHSCRIPT, load_metadata  # noqa: E402
 from handler.batch import Batch, PreparedImage  # noqa: E402
 from handler.errors import InputError, quote_input  # noqa: E402
 from handler.imaging import DEFAULT_MAX_PIXELS, decode_image  # noqa: E402
-from handler.postprocess import class_confidences, class_fractions, encode_output  # noqa: E402
+from handler.postprocess import (  # noqa: E402
+    NEEDS_CONFIDENCE,
+    class_confidences,
+    class_fractions,
+    encode_output,
+)
 from handler.preprocessing import (  # noqa: E402
     collate,
     logits_to_prediction,
+    model_resolution_prediction,
     prepare_image,
     rgb_array_to_tensor,
 )
 from handler.request import parse_request  # noqa: E402
-from handler.runtime import load_scripted_model  # noqa: E402
+from handler.runtime import load_model  # noqa: E402
+from handler.sizing import worker_threads  # noqa: E402
 from handler.telemetry import Telemetry  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -135,18 +142,35 @@ class SegmenterHandler(BaseHandler):
         else:
             self.device = torch.device("cpu")
         on_cuda = self.device.type == "cuda"
+        # Workers x threads = the container's cores (handler.sizing): without this every worker
+        # starts one thread per core, and N workers oversubscribe the CPU N times.
+        pinned = (getattr(context, "model_yaml_config", None) or {}).get("minWorkers")
+        self.threads = worker_threads(
+            gpus=torch.cuda.device_count() if on_cuda else 0,
+            workers=int(pinned) if pinned else None,
+            threads=int(options["threads"]) if options.get("threads") else None,
+        )
+        torch.set_num_threads(self.threads)
         self.half = on_cuda and bool(options.get("cuda_half", self.meta.serving.cuda_half))
         self.channels_last = on_cuda and bool(
             options.get("cuda_channels_last", self.meta.serving.cuda_channels_last)
         )
         serialized = context.manifest["model"].get("serializedFile", MODEL_FILE)
-        self.model = load_scripted_model(model_dir / serialized, self.device)
+        # The archive's runtime (model-config.yaml handler.runtime); half/channels_last are
+        # TorchScript switches, so an ONNX Runtime model runs as exported.
+        self.runtime = str(options.get("runtime", TORCHSCRIPT))
+        if self.runtime != TORCHSCRIPT:
+            self.half = self.channels_last = False
+        self.model = load_model(model_dir / serialized, self.runtime, self.device, self.threads)
         if self.half:
             self.model = self.model.half()
+        providers = getattr(self.model, "providers", ("torch.jit",))
+        logger.info("segserve runtime %s on %s", self.runtime, ", ".join(providers))
         self.initialized = True
         logger.info(
             "segserve handler %s (handler package %s): model %s v%s, %d classes, device %s, "
-            "half=%s, channels_last=%s, max_pixels=%d, max_response_size=%d, batch_size=%s",
+            "half=%s, channels_last=%s, max_pixels=%d, max_response_size=%d, batch_size=%s, "
+            "torch threads %d",
             Path(__file__).resolve(),
             Path(sys.modules["handler"].__file__).resolve().parent,
             self.meta.model_name,
@@ -158,6 +182,7 @@ class SegmenterHandler(BaseHandler):
             self.max_pixels,
             self.max_response_size,
             properties.get("batch_size"),
+            self.threads,
         )
 
     def _reject(self, context, idx: int, error: InputError, telemetry: Telemetry) -> bytes:
@@ -318,9 +343,12 @@ class SegmenterHandler(BaseHandler):
 
     def _encode(self, image: PreparedImage, logits: torch.Tensor) -> tuple[bytes, tuple]:
         """One request's body and its per-class statistics, or an :class:`InputError`."""
-        mask_t, confidence_t = logits_to_prediction(logits, image.geometry)
-        mask, confidence = mask_t.cpu().numpy(), confidence_t.cpu().numpy()
         output = image.request.output
+        mask_t, confidence_t = logits_to_prediction(
+            logits, image.geometry, with_confidence=output in NEEDS_CONFIDENCE
+        )
+        mask = mask_t.cpu().numpy()
+        confidence = confidence_t.cpu().numpy() if confidence_t is not None else None
         body = encode_output(output, image.rgb, mask, confidence, self.meta)
         if len(body) > self.max_response_size:
             raise InputError(
@@ -329,9 +357,14 @@ class SegmenterHandler(BaseHandler):
                 f"max_response_size of {self.max_response_size:,}: ask for output=mask "
                 "(the smallest) or send a smaller image",
             )
+        # Per-class confidence for telemetry at the model's resolution: the same statistic
+        # for every output format, without upsampling every class's logits.
+        ids, low_confidence = model_resolution_prediction(logits, image.geometry)
         stats = (
             class_fractions(mask, self.meta.num_classes),
-            class_confidences(mask, confidence, self.meta.num_classes),
+            class_confidences(
+                ids.cpu().numpy(), low_confidence.cpu().numpy(), self.meta.num_classes
+            ),
         )
         return body, stats
 

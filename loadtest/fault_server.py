@@ -51,11 +51,17 @@ def build_fault_archive(export_dir: Path, store: Path, **options: Any) -> Path:
     :class:`serving.archive.ArchiveOptions` fields (batch_size, response_timeout_s, ...)."""
     from serving.archive import ArchiveError, ArchiveOptions, build_archive
 
+    # The scenarios reason about THE worker (kill it, hold it with a slow request): pin one.
+    options.setdefault("min_workers", 1)
     try:
         mar = build_archive(export_dir, store, ArchiveOptions(**options))
     except ArchiveError as exc:
         raise ChaosError(str(exc)) from None
     return add_fault_handler(mar)
+
+
+# A server-wide pin to one worker per model, for runs that reason about a single worker.
+ONE_WORKER = {"default_workers_per_model": "1"}
 
 
 def write_server_config(out: Path, overrides: dict[str, str], base: Path | None = None) -> Path:

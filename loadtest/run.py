@@ -4,10 +4,19 @@ Example:
     python -m loadtest.run --host http://127.0.0.1:8080 --grpc-host 127.0.0.1:7070 \
         --users 4 --spawn-rate 2 --duration 30s --slo-p95-ms 300 --slo-error-rate 0.01
 
+Distributed load (one Locust process cannot saturate a GPU pod):
+    --processes N          N forked worker processes under a local master (Locust >= 2.19)
+    --expect-workers N     this process is only the master: it waits on --master-bind-port
+                           for N workers started elsewhere (k8s/loadtest/, or
+                           `locust --worker --master-host HOST -f loadtest/locustfile.py`)
+The report is the master's merged stats (every worker's counts and histograms) and lists the
+workers with what each sent.
+
 Writes into --out (default ``loadtest/results/<UTC timestamp>``): ``locust_stats.csv``,
-``locust_stats_history.csv``, ``locust_failures.csv``, ``locust.html``, ``report.md``,
-``report.json`` and ``latency_throughput.png``.
-Exit status: 0 SLO met, 1 SLO missed, 2 the run itself failed (bad options, Locust crashed).
+``locust_stats_history.csv``, ``locust_failures.csv``, ``locust.html``, ``locust_merged.json``,
+``report.md``, ``report.json`` and ``latency_throughput.png``.
+Exit status: 0 SLO met, 1 SLO missed, 2 the run itself failed (bad options, Locust crashed,
+or the merged stats miss part of the run: a worker lost or its last report missing).
 """
 
 from __future__ import annotations
@@ -45,6 +54,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", default="mask", help="answer format requested")
     parser.add_argument("--images", default="", help="folder of images (default: synthetic)")
     parser.add_argument("--key-file", default="", help="TorchServe key_file.json")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="Locust worker processes under a local master (-1: one per core; 1: no master)",
+    )
+    parser.add_argument(
+        "--expect-workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="be only the master and wait for N workers started elsewhere (0: not a master)",
+    )
+    parser.add_argument("--master-bind-port", type=int, default=5557, help="with --expect-workers")
+    parser.add_argument(
+        "--expect-workers-max-wait",
+        type=int,
+        default=300,
+        metavar="S",
+        help="with --expect-workers: give up after S seconds without all workers (default 300)",
+    )
     parser.add_argument("--slo-p95-ms", type=float, default=300.0, help="default: 300")
     parser.add_argument("--slo-error-rate", type=float, default=0.01, help="default: 0.01")
     parser.add_argument("--out", type=Path, default=None, help="results folder")
@@ -53,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="PREFIX",
-        help="do not run Locust: judge an earlier run's PREFIX_stats.csv against this SLO",
+        help="do not run Locust: judge an earlier run's PREFIX_merged.json (else "
+        "PREFIX_stats.csv) against this SLO",
     )
     return parser
 
@@ -73,7 +104,29 @@ def locust_command(args: argparse.Namespace, prefix: Path) -> list[str]:
         cmd += ["--images", args.images]
     if args.key_file:
         cmd += ["--key-file", args.key_file]
+    if args.processes != 1:
+        cmd += ["--processes", str(args.processes)]
+    if args.expect_workers:
+        cmd += [
+            "--master", "--expect-workers", str(args.expect_workers),
+            "--master-bind-port", str(args.master_bind_port),
+            "--expect-workers-max-wait", str(args.expect_workers_max_wait),
+        ]  # fmt: skip
     return cmd
+
+
+def load_generators(args: argparse.Namespace) -> str:
+    """How the load is generated, for the report.
+
+    >>> load_generators(argparse.Namespace(processes=2, expect_workers=0))
+    'local master + 2 worker processes (--processes 2)'
+    """
+    if args.expect_workers:
+        return f"master + {args.expect_workers} workers started elsewhere (--expect-workers)"
+    if args.processes == 1:
+        return "1 process"
+    n = "one per core" if args.processes == -1 else args.processes
+    return f"local master + {n} worker processes (--processes {args.processes})"
 
 
 def server_locust_command(
@@ -86,6 +139,7 @@ def server_locust_command(
     duration: str,
     rest_weight: int = 1,
     grpc_weight: int = 1,
+    processes: int = 1,
 ) -> list[str]:
     """:func:`locust_command` against a TorchServe this process started (``serving.server``
     ServerInfo): its addresses and its ``key_file.json``, mask answers, synthetic images."""
@@ -101,6 +155,8 @@ def server_locust_command(
         output="mask",
         images="",
         key_file=str(Path(info.workdir) / "key_file.json"),
+        processes=processes,
+        expect_workers=0,
     )
     return locust_command(args, prefix)
 
@@ -109,6 +165,7 @@ def run_description(args: argparse.Namespace, returncode: int) -> dict[str, obje
     return {
         "rest host": args.host if args.rest_weight else "-",
         "grpc host": args.grpc_host if args.grpc_weight else "-",
+        "load generators": load_generators(args),
         "users": args.users,
         "spawn rate": args.spawn_rate,
         "duration": args.duration,
@@ -129,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.users < 1:
         print(f"error: --users must be >= 1, got {args.users}", file=sys.stderr)
         return 2
+    if args.processes == 0 or args.processes < -1:
+        print(f"error: --processes must be >= 1 or -1, got {args.processes}", file=sys.stderr)
+        return 2
+    if args.expect_workers < 0 or (args.expect_workers and args.processes != 1):
+        print("error: --expect-workers N (N >= 1) excludes --processes", file=sys.stderr)
+        return 2
     out = args.out or RESULTS / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out.mkdir(parents=True, exist_ok=True)
     if args.from_csv is not None:
@@ -146,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(report.markdown.read_text())
     print(f"report: {report.markdown}")
+    if report.problems:
+        print(f"error: incomplete stats: {'; '.join(report.problems)}", file=sys.stderr)
+        return 2
     return 0 if report.passed else 1
 
 

@@ -1,7 +1,20 @@
-"""Turn Locust's CSV output into an SLO verdict: per-protocol latency, throughput, error rate.
+"""Turn Locust's output into an SLO verdict: per-protocol latency, throughput, error rate.
 
-Inputs are the files ``locust --csv PREFIX --csv-full-history`` writes: ``PREFIX_stats.csv``
-(whole-run totals per request name) and ``PREFIX_stats_history.csv`` (one row per second).
+Inputs, under the ``locust --csv PREFIX --csv-full-history`` prefix:
+
+* ``PREFIX_merged.json`` (:func:`merged_path`, written by ``loadtest/locustfile.py`` when the
+  test stops): the whole-run stats entries of the process that holds them all, the master in a
+  distributed run (``--processes N`` or ``--master``): Locust's master merges every worker's
+  counts and response-time histograms. The figures come from it: counts are sums, percentiles
+  are read off the merged histograms (Locust's own rule, :func:`percentile`), never averaged.
+  It also lists the load generators, each with its own count of the attempts it sent; the
+  report shows them and flags a run whose merged stats do not add up to those counts
+  (:attr:`LoadGenerators.problems`: a worker lost, or its last report missing).
+* ``PREFIX_stats.csv`` (whole-run totals per request name): only when there is no merged file
+  (an older run judged with ``--from-csv``). Locust rewrites it once a second, so it may miss
+  the run's last second.
+* ``PREFIX_stats_history.csv`` (one row per second): the latency/throughput plot.
+
 Requests of type ``grpc`` are the gRPC protocol; every other type (``POST``) is REST.
 
 The Locust users retry, once, a request whose worker was killed under it (HTTP 507 / gRPC
@@ -24,7 +37,10 @@ Example:
 from __future__ import annotations
 
 import csv
+import json
 import math
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +51,20 @@ TOTAL = "total"
 RETRIED_SUFFIX = ": worker died (retried)"
 
 
+MERGED_SUFFIX = "_merged.json"
+
+
 class ReportError(ValueError):
-    """Locust's CSV is missing or not what this module expects."""
+    """Locust's output is missing or not what this module expects."""
+
+
+def merged_path(prefix: str | Path) -> Path:
+    """Where the locustfile writes the merged stats for ``--csv PREFIX``.
+
+    >>> merged_path("results/locust").as_posix()
+    'results/locust_merged.json'
+    """
+    return Path(f"{prefix}{MERGED_SUFFIX}")
 
 
 @dataclass(frozen=True)
@@ -169,6 +197,141 @@ def summarise(stats_csv: Path) -> dict[str, Summary]:
     return out
 
 
+def percentile(response_times: dict[int, int], count: int, q: float) -> float:
+    """Locust's percentile of a response-time histogram ``{ms bucket: requests}`` (``q`` in
+    0..1, ``count`` requests in all), as its CSV computes it; NaN without requests.
+
+    >>> percentile({10: 90, 200: 10}, 100, 0.5), percentile({10: 90, 200: 10}, 100, 0.95)
+    (10.0, 200.0)
+    """
+    if count <= 0:
+        return math.nan
+    within = int(count * q)
+    seen = 0
+    for ms in sorted(response_times, reverse=True):
+        seen += response_times[ms]
+        if count - seen <= within:
+            return float(ms)
+    return 0.0
+
+
+@dataclass(frozen=True)
+class Merged:
+    """Stats entries merged: Locust's ``StatsEntry.extend`` for the fields the report reads."""
+
+    requests: int
+    failures: int
+    content_length: int
+    response_times: dict[int, int]
+
+    @classmethod
+    def of(cls, entries: Iterable[dict[str, Any]]) -> Merged:
+        times: Counter[int] = Counter()
+        requests = failures = length = 0
+        for e in entries:
+            requests += int(e["num_requests"])
+            failures += int(e["num_failures"])
+            length += int(e["total_content_length"])
+            times.update({int(ms): int(n) for ms, n in e["response_times"].items()})
+        return cls(requests, failures, length, dict(times))
+
+
+def read_merged(path: Path) -> dict[str, Any]:
+    """The locustfile's merged file (ReportError when missing or not one)."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        msg = f"{path} does not exist: did Locust run with loadtest/locustfile.py?"
+        raise ReportError(msg) from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ReportError(f"{path} is not readable JSON: {exc}") from None
+    keys = ("mode", "expected_workers", "workers", "start_time", "entries")
+    if not isinstance(data, dict) or any(k not in data for k in keys):
+        raise ReportError(f"{path} is not a merged stats file (keys: {list(keys)})")
+    return data
+
+
+def summarise_merged(data: dict[str, Any]) -> dict[str, Summary]:
+    """``{"rest": ..., "grpc": ..., "total": ...}`` from :func:`read_merged`'s data.
+
+    Each scope merges its entries' histograms; retried attempts (:data:`RETRIED_SUFFIX`) are
+    left out of every figure and counted in ``Summary.retried``. Requests/s is Locust's
+    ``total_rps``: requests over the run's first-to-last-request window.
+    """
+    entries = data["entries"]
+    if not entries:
+        raise ReportError("the merged stats hold no requests: Locust stopped before any")
+    last = data.get("last_request_timestamp") or max(e["last_request_timestamp"] for e in entries)
+    window = float(last) - float(data["start_time"])
+
+    def summary(scope: str, mine: list[dict[str, Any]]) -> Summary:
+        answered = Merged.of(e for e in mine if not e["name"].endswith(RETRIED_SUFFIX))
+        retried = Merged.of(e for e in mine if e["name"].endswith(RETRIED_SUFFIX))
+        n, times = answered.requests, answered.response_times
+        return Summary(
+            protocol=scope,
+            requests=n,
+            failures=answered.failures,
+            p50_ms=percentile(times, n, 0.50),
+            p95_ms=percentile(times, n, 0.95),
+            p99_ms=percentile(times, n, 0.99),
+            rps=n / window if window > 0 else 0.0,
+            avg_bytes=answered.content_length / max(n, 1),
+            retried=retried.requests,
+        )
+
+    out: dict[str, Summary] = {}
+    for protocol in ("rest", "grpc"):
+        mine = [e for e in entries if protocol_of(e["method"]) == protocol]
+        if any(not e["name"].endswith(RETRIED_SUFFIX) for e in mine):
+            out[protocol] = summary(protocol, mine)
+    out[TOTAL] = summary(TOTAL, entries)
+    return out
+
+
+@dataclass(frozen=True)
+class LoadGenerators:
+    """The Locust processes that sent the load, with their own counts of what they sent."""
+
+    mode: str  # "local" (one process) or "distributed" (a master and its workers)
+    expected_workers: int
+    workers: list[dict[str, Any]]
+    merged_attempts: int  # every attempt in the merged stats, retried ones included
+
+    @classmethod
+    def of(cls, data: dict[str, Any]) -> LoadGenerators:
+        merged = Merged.of(data["entries"]).requests
+        return cls(data["mode"], int(data["expected_workers"]), list(data["workers"]), merged)
+
+    @staticmethod
+    def attempts(worker: dict[str, Any]) -> int:
+        return sum(int(c["requests"]) for c in worker.get("counts", {}).values())
+
+    @property
+    def sent(self) -> int:
+        """What the workers say they sent, summed."""
+        return sum(self.attempts(w) for w in self.workers)
+
+    @property
+    def problems(self) -> list[str]:
+        """Why the merged figures may not be the whole run (empty when they are)."""
+        out = []
+        if len(self.workers) < self.expected_workers:
+            out.append(f"{len(self.workers)} worker(s) reported, {self.expected_workers} expected")
+        for w in self.workers:
+            if not w.get("final"):
+                out.append(f"worker {w['id']} (pid {w.get('pid')}): no final stats report")
+        if self.sent != self.merged_attempts:
+            out.append(
+                f"the merged stats hold {self.merged_attempts} attempts, the workers sent "
+                f"{self.sent}"
+            )
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "sent": self.sent, "problems": self.problems}
+
+
 def check_slo(summaries: dict[str, Summary], slo: Slo) -> list[Check]:
     """One p95 check and one error-rate check per scope; no requests at all fails."""
     checks = []
@@ -231,7 +394,11 @@ def plot_history(series: dict[str, dict[str, list[float]]], slo: Slo, png: Path)
 
 
 def render_markdown(
-    summaries: dict[str, Summary], checks: list[Check], slo: Slo, meta: dict[str, Any]
+    summaries: dict[str, Summary],
+    checks: list[Check],
+    slo: Slo,
+    meta: dict[str, Any],
+    generators: LoadGenerators | None = None,
 ) -> str:
     passed = all(c.passed for c in checks)
     lines = [
@@ -240,6 +407,14 @@ def render_markdown(
         f"**SLO {'MET' if passed else 'MISSED'}**: p95 <= {slo.p95_ms:g} ms and error rate <= "
         f"{slo.error_rate:.2%}, for each protocol and in total.",
         "",
+    ]
+    if generators is not None and generators.problems:
+        lines += [
+            "**INCOMPLETE**: the figures below may miss part of the run:",
+            *(f"- {p}" for p in generators.problems),
+            "",
+        ]
+    lines += [
         *(f"- {k}: {v}" for k, v in meta.items()),
         "",
         "| scope | requests | failures | error rate | p50 ms | p95 ms | p99 ms | req/s | bytes |",
@@ -263,6 +438,26 @@ def render_markdown(
                 for s in summaries.values()
             ),
         ]
+    if generators is not None:
+        distributed = generators.mode == "distributed"
+        kind = "worker process(es) under one master" if distributed else "process"
+        lines += [
+            "",
+            f"Load generators: {len(generators.workers)} Locust {kind}; the merged stats hold "
+            f"{generators.merged_attempts} attempts (retried ones "
+            f"included), the workers sent {generators.sent}.",
+            "",
+            "| worker | host | pid | rest attempts | grpc attempts | failed attempts | final |",
+            "|---|---|---:|---:|---:|---:|---|",
+        ]
+        for w in generators.workers:
+            counts = w.get("counts", {})
+            n = {p: counts.get(p, {}).get("requests", 0) for p in ("rest", "grpc")}
+            failed = sum(c.get("failures", 0) for c in counts.values())
+            lines.append(
+                f"| {w['id']} | {w.get('host', '?')} | {w.get('pid', '?')} | {n['rest']} | "
+                f"{n['grpc']} | {failed} | {'yes' if w.get('final') else 'NO'} |"
+            )
     lines += ["", "| scope | check | value | limit | result |", "|---|---|---:|---:|---|"]
     for c in checks:
         lines.append(
@@ -285,24 +480,35 @@ class Report:
     markdown: Path
     json: Path
     plot: Path | None
+    generators: LoadGenerators | None = None  # None: judged from a CSV without merged stats
 
     @property
     def passed(self) -> bool:
         return all(c.passed for c in self.checks)
 
+    @property
+    def problems(self) -> list[str]:
+        """Why the figures may not cover the whole run (see LoadGenerators.problems)."""
+        return self.generators.problems if self.generators else []
+
 
 def write_report(csv_prefix: Path, out_dir: Path, slo: Slo, meta: dict[str, Any]) -> Report:
-    """Read ``csv_prefix``'s stats, write ``report.md``, ``report.json`` and the PNG."""
-    import json
-
-    summaries = summarise(Path(f"{csv_prefix}_stats.csv"))
+    """Read ``csv_prefix``'s stats (the merged file, else the stats CSV), write ``report.md``,
+    ``report.json`` and the PNG."""
+    generators = None
+    if merged_path(csv_prefix).is_file():
+        data = read_merged(merged_path(csv_prefix))
+        summaries = summarise_merged(data)
+        generators = LoadGenerators.of(data)
+    else:
+        summaries = summarise(Path(f"{csv_prefix}_stats.csv"))
     checks = check_slo(summaries, slo)
     history = Path(f"{csv_prefix}_stats_history.csv")
     plot = None
     if history.is_file() and read_rows(history):
         plot = plot_history(read_history(history), slo, out_dir / "latency_throughput.png")
     md = out_dir / "report.md"
-    md.write_text(render_markdown(summaries, checks, slo, meta))
+    md.write_text(render_markdown(summaries, checks, slo, meta, generators))
     js = out_dir / "report.json"
     payload = {
         "slo": asdict(slo),
@@ -312,7 +518,8 @@ def write_report(csv_prefix: Path, out_dir: Path, slo: Slo, meta: dict[str, Any]
             for k, v in summaries.items()
         },
         "checks": [_finite(asdict(c)) for c in checks],
+        "load_generators": generators.as_dict() if generators else None,
         "meta": meta,
     }
     js.write_text(json.dumps(payload, indent=2, default=str, allow_nan=False) + "\n")
-    return Report(summaries, checks, md, js, plot)
+    return Report(summaries, checks, md, js, plot, generators)

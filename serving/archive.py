@@ -1,4 +1,4 @@
-"""Pack an export (model.pt + metadata.json) and the handler into ``<name>.mar`` + manifest.
+"""Pack one runtime of an export and the handler into ``<name>.mar`` + manifest.
 
 ``python -m serving.archive --export-dir runs/default/export --out-dir model_archives``
 
@@ -7,13 +7,22 @@ Inside the archive (what TorchServe extracts into the model dir, which is on the
 
     segmenter_handler.py     entry point (the one class TorchServe instantiates)
     handler/                 the handler package: imports resolve as ``handler.imaging`` ...
-    model.pt                 TorchScript
+    model.pt | model.onnx | model.int8.onnx
+                             the chosen runtime's model file only (MANIFEST's serializedFile)
     metadata.json            classes, palette, preprocessing (read by the handler)
-    model-config.yaml        workers, batching, timeouts, device, handler switches
+    model-config.yaml        workers, batching, timeouts, device, handler switches (``runtime``)
     MAR-INF/MANIFEST.json
 
+``--runtime`` (``ArchiveOptions.runtime``) is ``torchscript``, ``onnx``, ``onnx_int8`` or ``auto``
+(the default): every runtime the export carries that passed its export check is timed in this
+process on the export's input size (batch-1 forwards taken in turns, median, on CUDA when
+``--device-type gpu`` and CUDA is here, else CPU) and the fastest is packed; the timings go
+into the manifest.
+
 Next to it, ``<name>.manifest.json``: sha256 of the .mar, name, version, metrics from the
-metadata, source checkpoint, creation time, torch/TorchServe versions.
+metadata, source checkpoint, creation time, torch/TorchServe versions, and ``runtime``: its
+name, file, parity figures (INT8: argmax agreement, val mIoU and the measured ``miou_drop``)
+and how it was chosen.
 
 Self-contained: nothing from ``training/`` is imported or packed.
 
@@ -35,7 +44,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -43,13 +53,25 @@ from typing import Any
 
 import yaml
 
-from handler.artifact import METADATA_FILE, MODEL_FILE, MetadataError, ModelMetadata, load_metadata
+from handler.artifact import (
+    METADATA_FILE,
+    MODEL_FILE,
+    RUNTIMES,
+    TORCHSCRIPT,
+    MetadataError,
+    ModelMetadata,
+    load_metadata,
+    runtime_export,
+)
 from handler.imaging import DEFAULT_MAX_PIXELS
 from serving.properties import DEFAULT_MODEL_NAME
 
 HANDLER_DIR = Path(__file__).resolve().parent.parent / "handler"
 ENTRY_POINT = "segmenter_handler.py"
 DEVICE_TYPES = ("gpu", "cpu")
+AUTO = "auto"
+RUNTIME_CHOICES = (*RUNTIMES, AUTO)
+TIMED_FORWARDS = 7  # per runtime for --runtime auto, after two warm-up forwards
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
 
 
@@ -64,15 +86,21 @@ class ArchiveOptions:
     model_name: str = DEFAULT_MODEL_NAME
     version: str | None = None  # None: the metadata's model_version
     batch_size: int = 8
-    max_batch_delay_ms: int = 10
-    min_workers: int = 1
-    max_workers: int = 1
+    # Waiting for batch-mates only helps when more requests are about to arrive; under load the
+    # queue already holds them, and at low load every wait is pure latency (docs/performance.md).
+    max_batch_delay_ms: int = 1
+    # None: not pinned in the archive, so TorchServe starts its default (one worker per core,
+    # or per GPU; handler.sizing sets each worker's torch threads to match).
+    min_workers: int | None = None
+    max_workers: int | None = None
+    threads: int | None = None  # torch intra-op threads per worker; None: handler.sizing
     response_timeout_s: int = 120
     startup_timeout_s: int = 120
     device_type: str = "gpu"  # TorchServe falls back to CPU when the host has no GPU
     max_pixels: int = DEFAULT_MAX_PIXELS
     cuda_half: bool | None = None  # None: the metadata's serving.cuda_half
     cuda_channels_last: bool | None = None
+    runtime: str = AUTO  # torchscript | onnx | onnx_int8 | auto (the fastest that passed parity)
     extra_handler_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -84,14 +112,25 @@ class ArchiveOptions:
         checks = [
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.max_batch_delay_ms >= 0, "--max-batch-delay must be >= 0 (milliseconds)"),
-            (self.min_workers >= 1, f"--min-workers must be >= 1, got {self.min_workers}"),
-            (self.max_workers >= self.min_workers, "--max-workers must be >= --min-workers"),
+            (
+                self.min_workers is None or self.min_workers >= 1,
+                f"--min-workers must be >= 1, got {self.min_workers}",
+            ),
+            (
+                self.max_workers is None or self.max_workers >= (self.min_workers or 1),
+                "--max-workers must be >= --min-workers",
+            ),
+            (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
             (self.response_timeout_s >= 1, "--response-timeout must be >= 1 (seconds)"),
             (self.startup_timeout_s >= 1, "--startup-timeout must be >= 1 (seconds)"),
             (self.max_pixels >= 1, "--max-pixels must be >= 1"),
             (
                 self.device_type in DEVICE_TYPES,
                 f"--device-type {self.device_type!r} is not one of {list(DEVICE_TYPES)}",
+            ),
+            (
+                self.runtime in RUNTIME_CHOICES,
+                f"--runtime {self.runtime!r} is not one of {list(RUNTIME_CHOICES)}",
             ),
         ]
         for ok, message in checks:
@@ -109,10 +148,17 @@ def model_config(options: ArchiveOptions, meta: ModelMetadata | None = None) -> 
         channels_last = meta.serving.cuda_channels_last if meta is not None else False
     handler["cuda_half"] = bool(half)
     handler["cuda_channels_last"] = bool(channels_last)
+    if options.threads is not None:
+        handler["threads"] = options.threads
+    if options.runtime != AUTO:  # build_archive resolves auto before writing the config
+        handler["runtime"] = options.runtime
     handler.update(options.extra_handler_options)
+    workers: dict[str, Any] = {}
+    if options.min_workers is not None or options.max_workers is not None:
+        workers["minWorkers"] = options.min_workers or 1
+        workers["maxWorkers"] = options.max_workers or options.min_workers
     return {
-        "minWorkers": options.min_workers,
-        "maxWorkers": options.max_workers,
+        **workers,
         "batchSize": options.batch_size,
         "maxBatchDelay": options.max_batch_delay_ms,
         "responseTimeout": options.response_timeout_s,
@@ -135,6 +181,108 @@ def check_export_dir(export_dir: Path) -> tuple[Path, ModelMetadata]:
     except MetadataError as exc:
         raise ArchiveError(f"{exc} ({hint})") from None
     return model_pt, meta
+
+
+def runtime_model_file(export_dir: Path, meta: ModelMetadata, runtime: str) -> Path:
+    """The export's model file for ``runtime``, or an ArchiveError naming the file and the fix.
+
+    A runtime other than TorchScript must also have passed its export check (the exporter
+    writes no other, so this only refuses an export edited by hand).
+    """
+    try:
+        section = runtime_export(meta, runtime)
+    except MetadataError as exc:
+        raise ArchiveError(f"{export_dir}: {exc}") from None
+    path = export_dir / section.file
+    if not path.is_file():
+        raise ArchiveError(
+            f"{path} is missing although metadata.json lists {runtime}: re-run the export "
+            f"(`make export RUNTIMES=...` with {runtime})"
+        )
+    if runtime != TORCHSCRIPT and not section.passed:
+        raise ArchiveError(
+            f"{path}: the export's {runtime} check did not pass ({dict(section.parity)}); "
+            "re-export it or archive another runtime"
+        )
+    return path
+
+
+def timing_device(options: ArchiveOptions) -> str:
+    """Where ``--runtime auto`` times: the GPU the archive targets when this host has one."""
+    import torch
+
+    return "cuda" if options.device_type == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def time_runtimes(
+    paths: dict[str, Path], input_size: tuple[int, int], device: str, forwards: int
+) -> dict[str, float]:
+    """Median milliseconds of ``forwards`` batch-1 forwards per runtime, in-process, through
+    the handler's loader (``handler.runtime.load_model``). Two warm-up forwards each, then the
+    runtimes take turns, so a passing load on the machine slows them all alike."""
+    import torch
+
+    from handler.runtime import load_model
+
+    threads = torch.get_num_threads()
+    models = {name: load_model(path, name, device, threads=threads) for name, path in paths.items()}
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, *input_size, generator=generator).to(device)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():
+            model(x)
+            model(x)
+        for _ in range(forwards):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(x)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times[name].append((time.perf_counter() - start) * 1000)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def choose_runtime(
+    export_dir: Path, meta: ModelMetadata, options: ArchiveOptions
+) -> tuple[str, Path, dict[str, Any]]:
+    """(runtime, its model file, how it was chosen) for ``options.runtime``.
+
+    ``auto``: the runtimes the export lists whose file is there and whose check passed are
+    timed (:func:`time_runtimes`) and the fastest wins; with one candidate nothing is timed;
+    with none (an export without parity figures) it is TorchScript, as before runtimes existed.
+    """
+    if options.runtime != AUTO:
+        path = runtime_model_file(export_dir, meta, options.runtime)
+        return options.runtime, path, {"requested": options.runtime}
+    listed = meta.export.runtimes if meta.export is not None else {}
+    candidates = {
+        name: export_dir / rt.file
+        for name, rt in listed.items()
+        if rt.passed and (export_dir / rt.file).is_file()
+    }
+    selection: dict[str, Any] = {"requested": AUTO, "candidates": sorted(candidates)}
+    if len(candidates) <= 1:
+        chosen = next(iter(candidates), TORCHSCRIPT)
+        selection["reason"] = "the only runtime in the export that passed its check"
+        return chosen, runtime_model_file(export_dir, meta, chosen), selection
+    device = timing_device(options)
+    size = meta.preprocess.input_size
+    timed = time_runtimes(candidates, size, device, TIMED_FORWARDS)
+    timings = {name: round(ms, 3) for name, ms in timed.items()}
+    chosen = min(timings, key=timings.__getitem__)
+    import torch
+
+    selection.update(
+        reason="fastest median batch-1 forward in-process",
+        timings_ms=timings,
+        input=[1, 3, *size],
+        device=device,
+        threads=torch.get_num_threads(),
+        forwards=TIMED_FORWARDS,
+    )
+    print(f"--runtime auto on {device}: {timings} ms per forward -> {chosen}")
+    return chosen, candidates[chosen], selection
 
 
 def _stage_handler(stage: Path) -> None:
@@ -175,9 +323,15 @@ def _run_archiver(args: list[str], tmp: Path) -> None:
 
 
 def write_manifest(
-    mar: Path, options: ArchiveOptions, meta: ModelMetadata, version: str, config: dict
+    mar: Path,
+    options: ArchiveOptions,
+    meta: ModelMetadata,
+    version: str,
+    config: dict,
+    selection: dict[str, Any] | None = None,
 ) -> Path:
-    """``<name>.manifest.json`` next to the .mar: what it is, where it came from."""
+    """``<name>.manifest.json`` next to the .mar: what it is, where it came from, which runtime
+    (with its parity figures and, for INT8, the measured mIoU drop) and how it was chosen."""
     import torch
 
     manifest = {
@@ -197,6 +351,7 @@ def write_manifest(
             "preprocess": meta.preprocess.to_dict(),
         },
         "model_config": config,
+        "runtime": _runtime_record(meta, config, selection),
         "versions": {
             "torch": torch.__version__,
             "torchserve": _package_version("torchserve"),
@@ -209,10 +364,19 @@ def write_manifest(
     return path
 
 
+def _runtime_record(
+    meta: ModelMetadata, config: dict, selection: dict[str, Any] | None
+) -> dict[str, Any]:
+    name = config.get("handler", {}).get("runtime", TORCHSCRIPT)
+    return {"name": name, **runtime_export(meta, name).to_dict(), **(selection or {})}
+
+
 def build_archive(export_dir: str | Path, out_dir: str | Path, options: ArchiveOptions) -> Path:
     """Build ``out_dir/<name>.mar`` (atomically replaced) + manifest; returns the .mar path."""
     options.validate()
     model_pt, meta = check_export_dir(Path(export_dir))
+    runtime, model_file, selection = choose_runtime(Path(export_dir), meta, options)
+    options = replace(options, runtime=runtime)
     version = options.version or meta.model_version or "1.0"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -230,7 +394,7 @@ def build_archive(export_dir: str | Path, out_dir: str | Path, options: ArchiveO
             [
                 "--model-name", options.model_name,
                 "--version", version,
-                "--serialized-file", str(model_pt),
+                "--serialized-file", str(model_file),
                 "--handler", str(HANDLER_DIR / ENTRY_POINT),
                 "--extra-files", str(stage),
                 "--config-file", str(config_file),
@@ -241,7 +405,7 @@ def build_archive(export_dir: str | Path, out_dir: str | Path, options: ArchiveO
         )  # fmt: skip
         mar = out_dir / f"{options.model_name}.mar"
         os.replace(built / mar.name, mar)
-    write_manifest(mar, options, meta, version, config)
+    write_manifest(mar, options, meta, version, config, selection)
     return mar
 
 
@@ -256,14 +420,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default=None, help="default: metadata model_version")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--max-batch-delay", type=int, default=d.max_batch_delay_ms, help="ms")
-    p.add_argument("--min-workers", type=int, default=d.min_workers)
-    p.add_argument("--max-workers", type=int, default=d.max_workers)
+    p.add_argument(
+        "--min-workers", type=int, default=d.min_workers, help="default: TorchServe's (cores/GPUs)"
+    )
+    p.add_argument("--max-workers", type=int, default=d.max_workers, help="default: --min-workers")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch threads per worker")
     p.add_argument("--response-timeout", type=int, default=d.response_timeout_s, help="s")
     p.add_argument("--startup-timeout", type=int, default=d.startup_timeout_s, help="s")
     p.add_argument("--device-type", default=d.device_type, choices=DEVICE_TYPES)
     p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="decode limit per image")
     p.add_argument("--cuda-half", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--cuda-channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument(
+        "--runtime",
+        default=d.runtime,
+        choices=RUNTIME_CHOICES,
+        help="the model file to pack; auto: the fastest here that passed the export's check",
+    )
     return p
 
 
@@ -276,12 +449,14 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_delay_ms=args.max_batch_delay,
         min_workers=args.min_workers,
         max_workers=args.max_workers,
+        threads=args.threads,
         response_timeout_s=args.response_timeout,
         startup_timeout_s=args.startup_timeout,
         device_type=args.device_type,
         max_pixels=args.max_pixels,
         cuda_half=args.cuda_half,
         cuda_channels_last=args.cuda_channels_last,
+        runtime=args.runtime,
     )
     try:
         mar = build_archive(args.export_dir, args.out_dir, options)
@@ -290,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     manifest = json.loads(mar.with_name(f"{options.model_name}.manifest.json").read_text())
     print(f"wrote {mar} ({manifest['size_bytes']:,} bytes, sha256 {manifest['sha256'][:12]}…)")
+    runtime = manifest["runtime"]
+    drop = f", val mIoU drop {runtime['miou_drop']:.4f}" if "miou_drop" in runtime else ""
+    print(f"runtime: {runtime['name']} ({runtime['file']}{drop})")
     print(f"config: {json.dumps(asdict(options) | {'version': manifest['version']})}")
     return 0
 

@@ -62,15 +62,40 @@ def tiny_metadata(num_classes: int = 4, input_size=(64, 64), resize_policy="resi
     )
 
 
-def build_tiny_export(out_dir: Path, seed: int = 0, **meta_overrides: Any) -> Path:
+class LabelledScenes:
+    """Synthetic scenes (``training.synthetic``) with labels folded into ``num_classes``: the
+    calibration images and labelled val split an ``onnx_int8`` export of the tiny model needs."""
+
+    def __init__(self, num_classes: int, count: int, size=(60, 80), seed: int = 0) -> None:
+        from training.synthetic import generate_scene
+
+        scenes = [generate_scene(seed, i, size) for i in range(count)]
+        self.samples = [(rgb, (mask % num_classes).astype(mask.dtype)) for rgb, mask in scenes]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load_raw(self, i: int):
+        rgb, mask = self.samples[i]
+        return rgb, mask, f"scene_{i}"
+
+
+def build_tiny_export(
+    out_dir: Path, seed: int = 0, runtimes: tuple[str, ...] | None = None, **meta_overrides: Any
+) -> Path:
     """A small random smp Unet exported by ``training.export.export_model`` into ``out_dir``
-    (parity checked on two blobby images, as a real export is on validation images)."""
+    (parity checked on two blobby images, as a real export is on validation images).
+
+    ``runtimes`` (default TorchScript only): e.g. ``("torchscript", "onnx", "onnx_int8")``;
+    INT8 is calibrated on 4 synthetic scenes and its mIoU measured on 4 others, with the drop
+    limit lifted (random weights: the figure is measured, not judged).
+    """
     import numpy as np
     import segmentation_models_pytorch as smp
     import torch
     from PIL import Image
 
-    from training.export import export_model
+    from training.export import Int8Calibration, export_model
 
     meta = tiny_metadata(**meta_overrides)
     with torch.random.fork_rng():
@@ -88,8 +113,17 @@ def build_tiny_export(out_dir: Path, seed: int = 0, **meta_overrides: Any) -> Pa
         np.asarray(Image.fromarray(rng.integers(0, 256, (6, 8, 3), np.uint8)).resize((80, 60)))
         for _ in range(2)
     ]
+    int8 = None
+    if runtimes and "onnx_int8" in runtimes:
+        calibration = LabelledScenes(meta.num_classes, 4, seed=seed + 1)
+        int8 = Int8Calibration(
+            images=[rgb for rgb, _ in calibration.samples],
+            val_dataset=LabelledScenes(meta.num_classes, 4, seed=seed + 2),
+            max_miou_drop=1.0,
+            batch_size=4,
+        )
     with contextlib.redirect_stdout(io.StringIO()):  # the per-size parity lines
-        export_model(model, meta, images, out_dir)
+        export_model(model, meta, images, out_dir, runtimes=runtimes, int8=int8)
     return out_dir
 
 
@@ -116,13 +150,23 @@ def tiny_archive(tiny_export, tmp_path_factory) -> Path:
     return store
 
 
-def start_test_server(model_store: Path, workdir: Path, attempts: int = 2):
-    """Start on free ports (retrying once if a port got taken in between); always cleaned up."""
+def start_test_server(
+    model_store: Path, workdir: Path, attempts: int = 2, overrides: dict[str, str] | None = None
+):
+    """Start on free ports (retrying once if a port got taken in between); always cleaned up.
+    ``overrides``: config.properties keys, e.g. ``load_models`` for several archives."""
+    # Tests reason about one worker per model (which requests share a forward, which pid dies);
+    # the derived default (one per core, handler.sizing) is tested in tests/serving/test_sizing.py.
+    from loadtest.fault_server import ONE_WORKER, write_server_config
+
     atexit.register(stop, workdir)  # even if pytest is interrupted before teardown
+    config = write_server_config(
+        workdir / "config" / "config.properties", {**ONE_WORKER, **(overrides or {})}
+    )
     for attempt in range(attempts):
         try:
             return start(
-                REPO / "config.properties",
+                config,
                 model_store=model_store,
                 workdir=workdir,
                 ports=Ports.free(),
@@ -137,14 +181,15 @@ def start_test_server(model_store: Path, workdir: Path, attempts: int = 2):
 
 @pytest.fixture(scope="session")
 def torchserve_factory(tmp_path_factory):
-    """``start(model_store) -> ServerInfo``: an extra TorchServe (own free ports and workdir),
-    for tests that need other archive settings; ``stop(info)`` early, else stopped at the end."""
+    """``start(model_store, overrides=None) -> ServerInfo``: an extra TorchServe (own free ports
+    and workdir, config.properties ``overrides``), for tests that need other archive settings
+    or several models; ``stop(info)`` early, else stopped at the end."""
     started: list[Path] = []
 
-    def _start(model_store: Path):
+    def _start(model_store: Path, overrides: dict[str, str] | None = None):
         workdir = tmp_path_factory.mktemp("torchserve_extra")
         started.append(workdir)
-        return start_test_server(model_store, workdir)
+        return start_test_server(model_store, workdir, overrides=overrides)
 
     yield _start
     for workdir in started:

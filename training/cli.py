@@ -9,7 +9,7 @@ Example:
           --set train.epochs=2 --set optim.lr=0.001
     $ torchrun --nproc_per_node=2 -m training train --config configs/default.yaml
     $ python -m training evaluate --run-dir runs/default
-    $ python -m training export --run-dir runs/default --onnx
+    $ python -m training export --run-dir runs/default --runtimes torchscript,onnx,onnx_int8
     $ python -m training predict --export-dir runs/default/export street.jpg --out-dir preds
     $ python -m training check-data --config configs/cityscapes.yaml
 """
@@ -82,6 +82,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         Path(args.run_dir),
         Path(args.checkpoint) if args.checkpoint else None,
         onnx=True if args.onnx else None,
+        runtimes=args.runtimes.split(",") if args.runtimes else None,
     )
     _print_json(result)
     return 0
@@ -93,7 +94,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from training.predict import Predictor
 
-    predictor = Predictor.from_export(Path(args.export_dir), device=args.device)
+    predictor = Predictor.from_export(
+        Path(args.export_dir), device=args.device, runtime=args.runtime
+    )
     palette = [c for rgb in predictor.metadata.palette for c in rgb]
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -180,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True)
     p.add_argument("--checkpoint", help="default: RUN_DIR/checkpoints/best.pt")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx")
+    p.add_argument(
+        "--runtimes",
+        help="comma-separated, e.g. torchscript,onnx,onnx_int8 (default: the recipe's "
+        "export.runtimes)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="segment image files with an exported model")
@@ -187,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out-dir", required=True, help="where the palette PNG masks go")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--runtime",
+        default="torchscript",
+        help="which exported model: torchscript (model.pt), onnx or onnx_int8",
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("samples", help="write images of the embedded dataset (demo, load tests)")

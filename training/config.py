@@ -150,8 +150,15 @@ class EvalConfig:
 @dataclass
 class ExportConfig:
     method: str = "trace"
+    # The runtimes to export (handler.artifact.RUNTIMES: torchscript, onnx, onnx_int8);
+    # null: torchscript, plus onnx when export.onnx is true. torchscript is always included.
+    runtimes: list[str] | None = None
     onnx: bool = False
     parity_atol: float = 1e-4
+    # onnx_int8: calibrate on this many training images (evenly spaced over the split) and
+    # fail the export when the val mIoU falls by more than int8_max_miou_drop from TorchScript's.
+    int8_calibration_images: int = 32
+    int8_max_miou_drop: float = 0.05
     # Extra (H, W) sizes, multiples of 32, on which parity is also checked.
     parity_sizes: list[tuple[int, int]] = field(default_factory=list)
     model_name: str = DEFAULT_MODEL_NAME
@@ -174,6 +181,34 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
+
+
+def resolve_runtimes(runtimes: typing.Sequence[str] | None, onnx: bool = False) -> tuple[str, ...]:
+    """The runtimes an export writes, in ``handler.artifact.RUNTIMES`` order.
+
+    Example:
+        >>> resolve_runtimes(None), resolve_runtimes(None, onnx=True)
+        (('torchscript',), ('torchscript', 'onnx'))
+        >>> resolve_runtimes(["onnx_int8", "torchscript"])
+        ('torchscript', 'onnx_int8')
+    """
+    from handler.artifact import ONNX, RUNTIMES, TORCHSCRIPT  # the runtime names' owner (torch)
+
+    names = [TORCHSCRIPT] + ([ONNX] if onnx else []) if runtimes is None else list(runtimes)
+    unknown = [n for n in names if n not in RUNTIMES]
+    if unknown:
+        raise ConfigError(
+            f"export.runtimes: {unknown[0]!r} is not one of {list(RUNTIMES)}; "
+            "e.g. export.runtimes=[torchscript, onnx, onnx_int8]"
+        )
+    if TORCHSCRIPT not in names:
+        raise ConfigError(
+            f"export.runtimes: {names} lacks torchscript, which every export carries (it embeds "
+            "the metadata and is the fp32 reference); add it"
+        )
+    if onnx and ONNX not in names:
+        names.append(ONNX)  # export.onnx: true (the older switch) still adds it
+    return tuple(n for n in RUNTIMES if n in names)
 
 
 def _to_plain(value: Any) -> Any:
@@ -274,6 +309,17 @@ def _check(recipe: Recipe) -> Recipe:
         raise ConfigError(f"data.root: required for data.kind={recipe.data.kind!r}")
     if (recipe.data.mean is None) != (recipe.data.std is None):
         raise ConfigError("data.mean and data.std: give both or neither")
+    resolve_runtimes(recipe.export.runtimes, recipe.export.onnx)
+    if recipe.export.int8_calibration_images < 1:
+        raise ConfigError(
+            "export.int8_calibration_images: must be >= 1, got "
+            f"{recipe.export.int8_calibration_images}"
+        )
+    if not 0 <= recipe.export.int8_max_miou_drop <= 1:
+        raise ConfigError(
+            f"export.int8_max_miou_drop: must be in [0, 1] (an mIoU difference), got "
+            f"{recipe.export.int8_max_miou_drop}"
+        )
     for size in recipe.export.parity_sizes:
         if size[0] % 32 or size[1] % 32:
             raise ConfigError(f"export.parity_sizes: {list(size)} is not a multiple of 32")

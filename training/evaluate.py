@@ -156,24 +156,30 @@ def evaluate_model(
     dataset: Any,
     spec: PreprocessSpec,
     target: EvalTarget,
-    out_dir: Path,
+    out_dir: Path | None,
     boundary_tolerance: int = 2,
     num_overlays: int = 4,
     batch_size: int = 8,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """Score ``model`` on every sample of ``dataset`` (anything with ``load_raw`` and ``len``)."""
+    """Score ``model`` on every sample of ``dataset`` (anything with ``load_raw`` and ``len``).
+
+    ``model`` is any ``Tensor -> Tensor`` callable (eager, TorchScript, an ONNX Runtime model
+    from ``handler.runtime.load_model``). With ``out_dir`` None nothing is written (the
+    export's INT8 check scores models this way).
+    """
     n = len(dataset)
     if n == 0:
         raise ValueError("the validation split is empty: nothing to evaluate")
     num_classes = len(target.class_names)
     cm = ConfusionMatrix(num_classes, target.ignore_index)
     bf = BoundaryF1(num_classes, target.ignore_index, tolerance=boundary_tolerance)
-    chosen = set(overlay_indices(n, num_overlays))
-    overlay_dir = out_dir / "overlays"
-    overlay_dir.mkdir(parents=True, exist_ok=True)
-    for old in overlay_dir.glob("*.png"):  # a previous run's pictures would mislead
-        old.unlink()
+    chosen = set(overlay_indices(n, num_overlays)) if out_dir is not None else set()
+    if out_dir is not None:
+        overlay_dir = out_dir / "overlays"
+        overlay_dir.mkdir(parents=True, exist_ok=True)
+        for old in overlay_dir.glob("*.png"):  # a previous run's pictures would mislead
+            old.unlink()
     for start in range(0, n, batch_size):
         samples = [dataset.load_raw(i) for i in range(start, min(start + batch_size, n))]
         predictions = segment(model, [rgb for rgb, _, _ in samples], spec, device)
@@ -196,8 +202,10 @@ def evaluate_model(
         pixels_per_class=cm.pixels_per_class(),
         confusion_matrix=cm.matrix.tolist(),
     )
-    (out_dir / "per_class.md").write_text(per_class_markdown(metrics, target.class_names))
-    save_confusion_matrix(cm.matrix.numpy(), target.class_names, out_dir / "confusion_matrix.png")
+    if out_dir is not None:
+        (out_dir / "per_class.md").write_text(per_class_markdown(metrics, target.class_names))
+        matrix_png = out_dir / "confusion_matrix.png"
+        save_confusion_matrix(cm.matrix.numpy(), target.class_names, matrix_png)
     return metrics
 
 

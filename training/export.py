@@ -1,6 +1,7 @@
-"""Export a trained checkpoint for serving: TorchScript (+ optional ONNX) with an enforced parity
-check on real validation images. Every format-specific line lives in this module, so moving
-from TorchScript (deprecated upstream) to ``torch.export`` touches nothing else.
+"""Export a trained checkpoint for serving: TorchScript (+ optional ONNX and INT8 ONNX) with an
+enforced parity check per runtime on real validation images. Every format-specific line lives
+in this module, so moving from TorchScript (deprecated upstream) to ``torch.export`` touches
+nothing else.
 
 What is written to ``run_dir/export/``:
 
@@ -8,7 +9,18 @@ What is written to ``run_dir/export/``:
   ``torch.jit.freeze``-d, with the metadata embedded as ``_extra_files["metadata.json"]``.
 * ``metadata.json`` — the same metadata (docs/architecture.md), including the ``export``
   section with the parity figures.
-* ``model.onnx`` — only with ``onnx=True`` / ``export.onnx: true``; dynamic batch, H and W.
+* ``model.onnx`` — with ``onnx`` in ``export.runtimes`` (or ``export.onnx: true``); dynamic
+  batch, H and W; parity enforced like TorchScript's.
+* ``model.int8.onnx`` — with ``onnx_int8`` in ``export.runtimes``: ``model.onnx`` statically
+  quantised by ONNX Runtime (QDQ, per-channel weights, MinMax calibration on
+  ``export.int8_calibration_images`` training images through the serving preprocessing). Its
+  parity is the argmax agreement fraction (no hard equality); its val mIoU and TorchScript's are
+  measured with ``training.evaluate.evaluate_model`` and the export fails when the drop exceeds
+  ``export.int8_max_miou_drop``.
+
+Each runtime's file and figures are in ``metadata.json`` ``export.runtimes``
+(``handler.artifact.RuntimeExport``); the files are staged, checked and only then moved in by
+:func:`write_export`, which also removes a runtime file an earlier export left behind.
 
 Input-size rule: the exported model takes any ``(N, 3, H, W)`` float batch with H and W
 multiples of 32 (``preprocess.size_divisor``); ``handler.preprocessing.collate`` pads to that.
@@ -29,9 +41,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,23 +53,31 @@ import numpy as np
 import torch
 
 from handler.artifact import (
+    INT8_FILE,
     METADATA_FILE,
     MODEL_FILE,
+    ONNX,
+    ONNX_FILE,
+    ONNX_INT8,
+    RUNTIME_FILES,
+    TORCHSCRIPT,
     ExportInfo,
     MetadataError,
     ModelMetadata,
+    RuntimeExport,
     parse_metadata,
 )
 from handler.preprocessing import (
     SIZE_DIVISOR,
     PreprocessSpec,
+    collate,
     prepare_image,
     rgb_array_to_tensor,
 )
-from handler.runtime import load_scripted_model, quiet_torchscript
+from handler.runtime import load_model, load_scripted_model, quiet_torchscript
+from training.config import ConfigError, resolve_runtimes
 from training.metrics import jsonable
 
-ONNX_FILE = "model.onnx"
 PARITY_BATCH_SIZES = (1, 2)
 
 Model = Callable[[torch.Tensor], torch.Tensor]
@@ -168,9 +190,18 @@ def load_exported(export_dir: Path, device: str = "cpu") -> tuple[Model, ModelMe
 
 
 def write_export(
-    module: torch.jit.ScriptModule, metadata: ModelMetadata, export_dir: Path
+    module: torch.jit.ScriptModule,
+    metadata: ModelMetadata,
+    export_dir: Path,
+    runtime_files: Mapping[str, Path] | None = None,
 ) -> tuple[Path, Path]:
-    """The one writer of an export: ``model.pt`` (metadata embedded) + ``metadata.json``.
+    """The one writer of an export: ``model.pt`` (metadata embedded) + ``metadata.json``, and
+    the other runtimes' model files.
+
+    ``runtime_files`` maps a runtime the metadata lists (``export.runtimes``) to a staged file
+    in ``export_dir``'s file system, moved in under the listed name; every other runtime file
+    (``handler.artifact.RUNTIME_FILES``) is removed, since one left by an earlier export would
+    not be this model. ``metadata.json`` is written last.
 
     Example:
         >>> import tempfile
@@ -185,6 +216,19 @@ def write_export(
     """
     text = metadata.to_json()
     export_dir.mkdir(parents=True, exist_ok=True)
+    listed = dict(metadata.export.runtimes) if metadata.export is not None else {}
+    staged = dict(runtime_files or {})
+    for name in staged:
+        if name == TORCHSCRIPT or name not in listed:
+            raise ExportError(
+                f"write_export: a {name} file was given but the metadata's export.runtimes "
+                f"does not list {name} (or it is model.pt, written from the module)"
+            )
+    for name, file in RUNTIME_FILES.items():
+        if name != TORCHSCRIPT and name not in staged:
+            (export_dir / file).unlink(missing_ok=True)
+    for name, path in staged.items():
+        os.replace(path, export_dir / listed[name].file)
     model_path, meta_path = export_dir / MODEL_FILE, export_dir / METADATA_FILE
     save_torchscript(module, model_path, text)
     meta_path.write_text(text + "\n", encoding="utf-8")
@@ -222,24 +266,144 @@ def to_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
         ) from exc
 
 
-def onnx_runner(path: Path) -> Model:
-    """An onnxruntime CPU session wrapped as ``Tensor -> Tensor``."""
+def onnx_runner(path: Path, runtime: str = ONNX) -> Model:
+    """``path`` through :func:`handler.runtime.load_model` (the loader the handler uses), on
+    CPU with torch's thread count; an onnxruntime failure becomes a :class:`ParityError`."""
     try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ExportError("ONNX parity needs onnxruntime: pip install onnxruntime") from None
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        model = load_model(path, runtime, "cpu", threads=torch.get_num_threads())
+    except (RuntimeError, FileNotFoundError) as exc:
+        raise ExportError(str(exc)) from None
 
     def run(x: torch.Tensor) -> torch.Tensor:
         try:
-            (out,) = session.run(["logits"], {"input": x.detach().cpu().numpy()})
+            return model(x)
         except Exception as exc:  # onnxruntime's own error types
             raise ParityError(
-                f"ONNX model fails on input {tuple(x.shape)}: {str(exc).splitlines()[0]}"
+                f"{runtime} model fails on input {tuple(x.shape)}: {str(exc).splitlines()[0]}"
             ) from None
-        return torch.from_numpy(out)
 
     return run
+
+
+# --- INT8 ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Int8Calibration:
+    """What an ``onnx_int8`` export needs besides the model.
+
+    ``images``: RGB uint8 training images to calibrate on; ``val_dataset``: the labelled
+    validation split (``len`` and ``load_raw(i) -> (rgb, labels, name)``, as
+    ``training.evaluate.evaluate_model`` takes) on which both mIoUs are measured.
+    """
+
+    images: Sequence[np.ndarray]
+    val_dataset: Any
+    max_miou_drop: float = 0.05
+    batch_size: int = 8
+    boundary_tolerance: int = 2
+
+
+def calibration_batches(images: Sequence[np.ndarray], spec: PreprocessSpec) -> list[np.ndarray]:
+    """Each image as the handler feeds it (``prepare_image`` + ``collate``), batch 1, numpy."""
+    if not images:
+        raise ExportError("onnx_int8 needs calibration images; the train split is empty")
+    batches = []
+    for rgb in images:
+        rgb = rgb if rgb.flags.writeable else rgb.copy()
+        x, _ = prepare_image(rgb_array_to_tensor(rgb), spec)
+        batches.append(collate([x], spec).numpy())
+    return batches
+
+
+def quantize_int8(fp32_path: Path, out_path: Path, batches: Sequence[np.ndarray]) -> None:
+    """ONNX Runtime static quantisation: pre-processing (shape inference + graph optimisation),
+    then QDQ with per-channel INT8 weights and UINT8 activations, MinMax-calibrated on
+    ``batches``."""
+    try:
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quant_pre_process,
+            quantize_static,
+        )
+    except ImportError:
+        raise ExportError("INT8 export needs onnxruntime: pip install onnxruntime") from None
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches: Iterator[np.ndarray] = iter(batches)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._batches, None)
+            return None if batch is None else {"input": batch}
+
+    pre = out_path.with_name(f".{out_path.stem}.pre.onnx")
+    try:
+        quant_pre_process(str(fp32_path), str(pre))
+        quantize_static(
+            str(pre),
+            str(out_path),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+    except Exception as exc:  # onnx/onnxruntime raise many types; all mean "cannot quantise"
+        raise ExportError(
+            f"INT8 quantisation of {fp32_path.name} failed: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from exc
+    finally:
+        pre.unlink(missing_ok=True)
+
+
+def val_miou(model: Model, metadata: ModelMetadata, int8: Int8Calibration) -> float:
+    """The val-split mIoU of the masks ``model`` serves (``training.evaluate.evaluate_model``)."""
+    from training.evaluate import EvalTarget, evaluate_model  # evaluate imports this module
+
+    target = EvalTarget(metadata.class_names, metadata.palette, metadata.ignore_index)
+    metrics = evaluate_model(
+        model,
+        int8.val_dataset,
+        metadata.preprocess,
+        target,
+        out_dir=None,
+        boundary_tolerance=int8.boundary_tolerance,
+        batch_size=int8.batch_size,
+    )
+    return float(metrics["miou"])
+
+
+def check_miou_drop(fp32: float, int8: float, max_drop: float) -> float:
+    """``fp32 - int8``, or a :class:`ParityError` when above ``max_drop`` (or not finite).
+
+    Example:
+        >>> round(check_miou_drop(0.80, 0.79, 0.05), 4)
+        0.01
+        >>> try:
+        ...     check_miou_drop(0.80, 0.70, 0.05)
+        ... except ParityError as exc:
+        ...     print(str(exc)[:53])
+        onnx_int8: val mIoU drop 0.1000 (fp32 0.8000, int8 0.
+    """
+    drop = fp32 - int8
+    if not np.isfinite(drop):
+        raise ParityError(
+            f"onnx_int8: val mIoU is not finite (fp32 {fp32}, int8 {int8}): the val split has "
+            "no labelled pixels to measure the INT8 model on"
+        )
+    if drop > max_drop:
+        raise ParityError(
+            f"onnx_int8: val mIoU drop {drop:.4f} (fp32 {fp32:.4f}, int8 {int8:.4f}) > "
+            f"export.int8_max_miou_drop {max_drop:g}; calibrate on more images "
+            "(export.int8_calibration_images) or leave onnx_int8 out of export.runtimes"
+        )
+    return drop
 
 
 # --- parity -------------------------------------------------------------------------------------
@@ -332,6 +496,46 @@ def check_parity(
     }
 
 
+@torch.no_grad()
+def check_agreement(
+    reference: Model, candidate: Model, batches: Sequence[torch.Tensor], what: str
+) -> dict[str, Any]:
+    """Argmax agreement (fraction of pixels whose class is the same) of a candidate that is
+    not expected to match exactly (INT8); only a wrong output shape fails.
+
+    Example:
+        >>> net = torch.nn.Conv2d(3, 2, 1).eval()
+        >>> check_agreement(net, net, [torch.ones(1, 3, 32, 32)], "same")["argmax_agreement"]
+        parity same input (1, 3, 32, 32): max |logit diff| 0, argmax agreement 1
+        1.0
+    """
+    worst_diff, agreed, total, worst_agreement = 0.0, 0, 0, 1.0
+    for x in batches:
+        expected, got = reference(x), candidate(x)
+        shape = tuple(x.shape)
+        if got.shape != expected.shape:
+            raise ParityError(
+                f"{what}: output shape {tuple(got.shape)} != eager {tuple(expected.shape)} "
+                f"for input {shape}"
+            )
+        diff = float((got.float() - expected.float()).abs().max())
+        same = int((got.argmax(1) == expected.argmax(1)).sum())
+        pixels = expected.shape[0] * expected.shape[2] * expected.shape[3]
+        print(f"parity {what} input {shape}: max |logit diff| {diff:.3g}, "
+              f"argmax agreement {same / pixels:.4g}")  # fmt: skip
+        worst_diff = max(worst_diff, diff) if np.isfinite(diff) else float("inf")
+        agreed, total = agreed + same, total + pixels
+        worst_agreement = min(worst_agreement, same / pixels)
+    sizes = sorted({(int(x.shape[2]), int(x.shape[3])) for x in batches})
+    return {
+        "argmax_agreement": agreed / total,
+        "argmax_agreement_min": worst_agreement,
+        "max_abs_logit_diff": worst_diff,
+        "sizes": [list(s) for s in sizes],
+        "batch_sizes": sorted({int(x.shape[0]) for x in batches}),
+    }
+
+
 # --- the whole export ---------------------------------------------------------------------------
 
 
@@ -344,51 +548,102 @@ def export_model(
     parity_atol: float = 1e-4,
     extra_sizes: Sequence[Sequence[int]] = (),
     onnx: bool = False,
+    runtimes: Sequence[str] | None = None,
+    int8: Int8Calibration | None = None,
 ) -> dict[str, Any]:
     """Export an eager model with its metadata (its ``export`` section is set here) into
-    ``export_dir``.
+    ``export_dir``, one model file per runtime.
 
-    ``images`` are real RGB uint8 validation images for the parity check. Returns the report
-    (paths, parity figures, tracer warnings, the written metadata as a dict); nothing is
-    written if parity fails.
+    ``images`` are real RGB uint8 validation images for the parity check. ``runtimes``
+    (default: torchscript, plus onnx when ``onnx``) see :func:`training.config.resolve_runtimes`;
+    ``onnx_int8`` needs ``int8`` (calibration images and the labelled val split). Returns the
+    report (paths, parity figures, tracer warnings, the written metadata as a dict); nothing is
+    written if any runtime fails its check.
     """
+    try:
+        runtimes = resolve_runtimes(runtimes, onnx)
+    except ConfigError as exc:
+        raise ExportError(str(exc)) from None
+    if ONNX_INT8 in runtimes and int8 is None:
+        raise ExportError(
+            "onnx_int8 needs calibration images and a labelled val split (export_model(..., "
+            "int8=Int8Calibration(...)); export_run builds them from the recipe)"
+        )
     model = model.cpu().eval()
     spec = metadata.preprocess
     batches = parity_batches(images, spec, parity_sizes(spec.input_size, extra_sizes))
     module, tracer_warnings = to_torchscript(model, batches[0], method)
     parity = check_parity(model, module, batches, parity_atol, f"torchscript ({method})")
+    sections = {TORCHSCRIPT: RuntimeExport(MODEL_FILE, jsonable(parity))}
     export_dir.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"tracer_warnings": tracer_warnings, "onnx_path": None}
-    onnx_section = None
-    if onnx:
-        onnx_path = export_dir / ONNX_FILE
-        to_onnx(model, batches[1], onnx_path)  # batch 2: a batch of 1 would be specialised
-        onnx_parity = check_parity(model, onnx_runner(onnx_path), batches, parity_atol, "onnx")
-        onnx_section = {"file": ONNX_FILE, "parity": jsonable(onnx_parity)}
-        report["onnx_path"] = str(onnx_path)
-    info = ExportInfo(
-        format="torchscript",
-        method=method,
-        torch_version=torch.__version__.split("+")[0],
-        parity=jsonable(parity),
-        onnx=onnx_section,
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=export_dir))
+    staged: dict[str, Path] = {}
+    try:
+        if ONNX in runtimes or ONNX_INT8 in runtimes:  # INT8 is quantised from model.onnx
+            fp32_path = staging / ONNX_FILE
+            to_onnx(model, batches[1], fp32_path)  # batch 2: a batch of 1 would be specialised
+            onnx_parity = check_parity(model, onnx_runner(fp32_path), batches, parity_atol, ONNX)
+            if ONNX in runtimes:
+                sections[ONNX] = RuntimeExport(ONNX_FILE, jsonable(onnx_parity))
+                staged[ONNX] = fp32_path
+        if int8 is not None and ONNX_INT8 in runtimes:
+            int8_path = staging / INT8_FILE
+            quantize_int8(fp32_path, int8_path, calibration_batches(int8.images, spec))
+            sections[ONNX_INT8] = int8_export(model, module, int8_path, batches, metadata, int8)
+            staged[ONNX_INT8] = int8_path
+        info = ExportInfo(
+            format="torchscript",
+            method=method,
+            torch_version=torch.__version__.split("+")[0],
+            runtimes=sections,
+        )
+        # numpy scalars from the metrics become plain JSON numbers
+        full = replace(
+            metadata,
+            metrics=jsonable(dict(metadata.metrics)),
+            recipe=jsonable(dict(metadata.recipe)),
+            export=info,
+        )
+        model_path, meta_path = write_export(module, full, export_dir, staged)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    files = {name: str(export_dir / rt.file) for name, rt in sections.items()}
+    return {
+        "tracer_warnings": tracer_warnings,
+        "model_path": str(model_path),
+        "metadata_path": str(meta_path),
+        "parity": parity,
+        "onnx_path": files.get(ONNX),
+        "onnx_parity": sections[ONNX].to_dict()["parity"] if ONNX in sections else None,
+        "runtime_files": files,
+        "int8": sections[ONNX_INT8].to_dict() if ONNX_INT8 in sections else None,
+        "metadata": full.to_dict(),
+    }
+
+
+def int8_export(
+    model: torch.nn.Module,
+    module: torch.jit.ScriptModule,
+    int8_path: Path,
+    batches: Sequence[torch.Tensor],
+    metadata: ModelMetadata,
+    int8: Int8Calibration,
+) -> RuntimeExport:
+    """The INT8 model's section: argmax agreement with the eager model on the parity batches,
+    val mIoU of TorchScript and INT8, the drop (checked against ``int8.max_miou_drop``)."""
+    runner = onnx_runner(int8_path, ONNX_INT8)
+    agreement = check_agreement(model, runner, batches, ONNX_INT8)
+    fp32_miou = val_miou(module, metadata, int8)
+    int8_miou = val_miou(runner, metadata, int8)
+    drop = check_miou_drop(fp32_miou, int8_miou, int8.max_miou_drop)
+    print(f"{ONNX_INT8}: val mIoU {int8_miou:.4f} (torchscript {fp32_miou:.4f}, drop {drop:.4f})")
+    return RuntimeExport(
+        INT8_FILE,
+        jsonable(agreement | {"max_miou_drop": int8.max_miou_drop}),
+        val_miou=int8_miou,
+        val_miou_fp32=fp32_miou,
+        miou_drop=drop,
     )
-    # numpy scalars from the metrics become plain JSON numbers
-    full = replace(
-        metadata,
-        metrics=jsonable(dict(metadata.metrics)),
-        recipe=jsonable(dict(metadata.recipe)),
-        export=info,
-    )
-    model_path, meta_path = write_export(module, full, export_dir)
-    report.update(
-        model_path=str(model_path),
-        metadata_path=str(meta_path),
-        parity=parity,
-        onnx_parity=onnx_section["parity"] if onnx_section else None,
-        metadata=full.to_dict(),
-    )
-    return report
 
 
 def _eval_metrics(run_dir: Path, checkpoint: Path) -> dict | None:
@@ -405,9 +660,16 @@ def _eval_metrics(run_dir: Path, checkpoint: Path) -> dict | None:
 
 
 def export_run(
-    run_dir: Path, checkpoint: Path | None = None, onnx: bool | None = None
+    run_dir: Path,
+    checkpoint: Path | None = None,
+    onnx: bool | None = None,
+    runtimes: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Export ``run_dir``'s checkpoint (default ``checkpoints/best.pt``) to ``run_dir/export``.
+
+    ``runtimes`` (default: the recipe's ``export.runtimes``) and ``onnx`` (default: the recipe's
+    ``export.onnx``) choose the runtimes; for ``onnx_int8`` the calibration images are
+    ``export.int8_calibration_images`` training images, evenly spaced over the split.
 
     Example:
         >>> export_run(Path("runs/default"), onnx=False)["model_path"]  # doctest: +SKIP
@@ -437,8 +699,27 @@ def export_run(
     evaluated = _eval_metrics(run_dir, checkpoint)
     if evaluated:
         metadata = replace(metadata, metrics=metrics_summary(evaluated, metadata.class_names))
+    try:
+        chosen = resolve_runtimes(
+            recipe.export.runtimes if runtimes is None else runtimes,
+            recipe.export.onnx if onnx is None else onnx,
+        )
+    except ConfigError as exc:
+        raise ExportError(str(exc)) from None
     dataset = build_dataset(recipe.data, "val", metadata.preprocess, train=False)
     images = [dataset.load_raw(i)[0] for i in range(min(2, len(dataset)))]
+    int8 = None
+    if ONNX_INT8 in chosen:
+        train_set = build_dataset(recipe.data, "train", metadata.preprocess, train=False)
+        n = min(recipe.export.int8_calibration_images, len(train_set))
+        picks = sorted({round(i * (len(train_set) - 1) / max(n - 1, 1)) for i in range(n)})
+        int8 = Int8Calibration(
+            images=[train_set.load_raw(i)[0] for i in picks],
+            val_dataset=dataset,
+            max_miou_drop=recipe.export.int8_max_miou_drop,
+            batch_size=recipe.data.batch_size,
+            boundary_tolerance=recipe.eval.boundary_tolerance,
+        )
     return export_model(
         model,
         metadata,
@@ -447,5 +728,6 @@ def export_run(
         method=recipe.export.method,
         parity_atol=recipe.export.parity_atol,
         extra_sizes=recipe.export.parity_sizes,
-        onnx=recipe.export.onnx if onnx is None else onnx,
+        runtimes=chosen,
+        int8=int8,
     )

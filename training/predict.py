@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from handler.artifact import ModelMetadata
+from handler.artifact import TORCHSCRIPT, MetadataError, ModelMetadata, runtime_export
 from handler.errors import InputError
 from handler.imaging import DEFAULT_MAX_PIXELS, decode_image
 from handler.preprocessing import (
@@ -32,6 +32,7 @@ from handler.preprocessing import (
     prepare_image,
     rgb_array_to_tensor,
 )
+from handler.runtime import load_model
 from training import export
 
 Prediction = tuple[np.ndarray, np.ndarray]
@@ -90,22 +91,42 @@ class Predictor:
         metadata: ModelMetadata,
         device: str = "cpu",
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        runtime: str = TORCHSCRIPT,
     ) -> None:
         self.model = model
         self.metadata = metadata
         self.spec = metadata.preprocess
         self.device = device
         self.max_pixels = max_pixels
+        self.runtime = runtime
 
     @classmethod
     def from_export(
-        cls, export_dir: Path, device: str = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS
+        cls,
+        export_dir: Path,
+        device: str = "cpu",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        runtime: str = TORCHSCRIPT,
     ) -> Predictor:
-        """Load ``export_dir/model.pt`` and its ``metadata.json``."""
+        """Load ``export_dir``'s model for ``runtime`` (``handler.artifact.RUNTIMES``; default
+        TorchScript, ``model.pt``) and its ``metadata.json``, through the loader the handler
+        uses (``handler.runtime.load_model``): the offline reference of that runtime's archive.
+        """
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise PredictError(f"device {device!r} requested but CUDA is not available; use cpu")
-        model, metadata = export.load_exported(Path(export_dir), device)
-        return cls(model, metadata, device=device, max_pixels=max_pixels)
+        export_dir = Path(export_dir)
+        model, metadata = export.load_exported(export_dir, device)
+        if runtime != TORCHSCRIPT:
+            try:
+                path = export_dir / runtime_export(metadata, runtime).file
+            except MetadataError as exc:
+                raise PredictError(f"{export_dir}: {exc}") from None
+            if not path.is_file():
+                raise PredictError(
+                    f"{path} is missing although metadata.json lists it: re-run the export"
+                )
+            model = load_model(path, runtime, device, threads=torch.get_num_threads())
+        return cls(model, metadata, device=device, max_pixels=max_pixels, runtime=runtime)
 
     @property
     def class_names(self) -> tuple[str, ...]:

@@ -8,6 +8,9 @@
    (``consistency.py``).
 4. ``promtool check rules`` + ``promtool test rules`` on the PrometheusRule (tests in
    ``tests/k8s/promtool/``); adapter and dashboard PromQL parsed by promtool.
+5. ``k8s/loadtest`` (the in-cluster Locust master + workers) is rendered and validated the same
+   way, held to the security baseline and to ``loadgen.py`` (master/worker counts agree, the
+   workers reach the master, the master's options are loadtest.run's).
 
 Exit status 1 with one line per problem, each naming the object (or file) and the field.
 
@@ -26,6 +29,7 @@ if __package__ in (None, ""):  # run as a script: make `k8s.tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from k8s.tools import consistency as cc  # noqa: E402
+from k8s.tools.loadgen import check_loadtest  # noqa: E402
 from k8s.tools.promrules import (  # noqa: E402
     adapter_query_to_promql,
     check_expressions,
@@ -39,6 +43,7 @@ from k8s.tools.toolchain import REPO  # noqa: E402
 from serving.properties import read_properties  # noqa: E402
 
 MONITORING = Path("k8s/components/monitoring")
+LOADTEST = Path("k8s/loadtest")
 # The lines KServe's config.properties adds to the root one (k8s/README.md "KServe").
 KSERVE_PROPERTIES = "kserve.properties"
 
@@ -107,8 +112,17 @@ def check_monitoring_promql(repo: Path) -> list[str]:
     return check_expressions(exprs)
 
 
+def check_loadtest_objects(objects: list[dict], repo: Path, k8s_version: str) -> list[str]:
+    """All checks of the rendered k8s/loadtest."""
+    problems = [p for obj in objects for p in validate_object(obj, k8s_version)]
+    for job in (o for o in objects if o["kind"] == "Job"):
+        problems += cc.check_security(job)
+    problems += check_loadtest(objects, repo, read_properties(repo / "config.properties"))
+    return problems
+
+
 def validate_repo(repo: Path = REPO, k8s_version: str = DEFAULT_K8S_VERSION) -> list[str]:
-    """Problems over every overlay of ``repo`` (empty when all is well)."""
+    """Problems over every overlay of ``repo`` and k8s/loadtest (empty when all is well)."""
     found = overlays(repo / "k8s" / "overlays")
     if not found:
         return [f"{repo / 'k8s/overlays'}: no overlay (folder with kustomization.yaml)"]
@@ -123,6 +137,13 @@ def validate_repo(repo: Path = REPO, k8s_version: str = DEFAULT_K8S_VERSION) -> 
         checked = check_overlay_objects(objects, repo, k8s_version, overlay)
         problems += [f"{label}: {p}" for p in checked]
         print(f"{label}: {len(objects)} objects rendered and checked", file=sys.stderr)
+    if (repo / LOADTEST / "kustomization.yaml").is_file():
+        try:
+            objects = render_overlay(repo / LOADTEST)
+        except RenderError as exc:
+            return [*problems, f"{LOADTEST}: {exc}"]
+        problems += [f"{LOADTEST}: {p}" for p in check_loadtest_objects(objects, repo, k8s_version)]
+        print(f"{LOADTEST}: {len(objects)} objects rendered and checked", file=sys.stderr)
     return problems
 
 

@@ -39,6 +39,9 @@ def repo_copy(tmp_path: Path) -> Path:
     shutil.copytree(REPO / "tests/k8s/promtool", dst / "tests/k8s/promtool")
     (dst / "handler").mkdir()
     shutil.copy2(REPO / "handler/metrics.yaml", dst / "handler/metrics.yaml")
+    (dst / "loadtest").mkdir()  # what k8s/loadtest's Jobs run (k8s/tools/loadgen.py reads them)
+    for name in ("locustfile.py", "run.py"):
+        shutil.copy2(REPO / "loadtest" / name, dst / "loadtest" / name)
     text = (REPO / "config.properties").read_text()
     if "enable_envvars_config=true" not in text:
         text += "\nenable_envvars_config=true\n"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from handler.sizing import plan
 from k8s.tools.render import find, render_overlay
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,7 +67,6 @@ def sizes():
         "heap": vm_option(vmargs, "-Xmx"),
         "direct": vm_option(vmargs, "-XX:MaxDirectMemorySize="),
         "batch": options.batch_size,
-        "workers": options.max_workers,
         "exit_on_oom": "-XX:+ExitOnOutOfMemoryError" in vmargs.split(),
     }
 
@@ -89,15 +89,23 @@ def test_the_pod_memory_limit_holds_frontend_and_workers(sizes, overlay, kubectl
     (container,) = [
         c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "torchserve"
     ]
-    limit = k8s_bytes(container["resources"]["limits"]["memory"])
+    limits = container["resources"]["limits"]
+    limit = k8s_bytes(limits["memory"])
     worker_peak = WORKER_SINGLE_PEAK_MB + (sizes["batch"] - 1) * WORKER_BATCH_MATE_MB
-    need = (
-        sizes["heap"]
-        + sizes["direct"]
-        + JVM_OVERHEAD_MB * MiB
-        + sizes["workers"] * (WORKER_IDLE_MB + worker_peak) * MiB
+    frontend = sizes["heap"] + sizes["direct"] + JVM_OVERHEAD_MB * MiB
+    # The workers TorchServe will run: the pod's pin, else its default (GPUs, else cores).
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    gpus = int(limits.get("nvidia.com/gpu", 0))
+    cpus = int(limits["cpu"])
+    workers = int(env.get("TS_DEFAULT_WORKERS_PER_MODEL") or gpus or cpus)
+    per_worker = (WORKER_IDLE_MB + worker_peak) * MiB
+    rule = plan(cpus, gpus, memory_bytes=limit - frontend, worker_peak_bytes=per_worker)
+    assert workers == rule.workers, (
+        f"{overlay}: the pod runs {workers} worker(s), handler.sizing.plan says {rule.workers} "
+        f"for {cpus} CPU(s), {gpus} GPU(s) and {limit / MiB:.0f} MiB"
     )
+    need = frontend + workers * per_worker
     assert need <= limit, (
-        f"{overlay}: frontend + {sizes['workers']} worker(s) at a full batch of maximum-size "
+        f"{overlay}: frontend + {workers} worker(s) at a full batch of maximum-size "
         f"images need {need / MiB:.0f} MiB, the pod limit is {limit / MiB:.0f} MiB"
     )

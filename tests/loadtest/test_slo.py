@@ -1,4 +1,5 @@
-"""SLO report from Locust CSVs written by the test (Locust 2.47's exact columns)."""
+"""SLO report from Locust CSVs written by the test (Locust 2.47's exact columns), and from the
+merged stats file the locustfile writes (Locust 2.47's StatsEntry.serialize fields)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ from loadtest.slo import (
     ReportError,
     Slo,
     check_slo,
+    merged_path,
     read_history,
+    read_merged,
     summarise,
+    summarise_merged,
     write_report,
 )
 
@@ -161,3 +165,156 @@ def test_retried_attempts_are_raw_failures_left_out_of_the_slo(tmp_path: Path) -
     assert "| rest | 3 | 3 | 0 |" in md and "| total | 6 | 5 | 1 |" in md
     data = json.loads(report.json.read_text())
     assert data["summaries"]["grpc"]["raw_failures"] == 3
+
+
+# --- merged stats (loadtest/locustfile.py writes PREFIX_merged.json at the end of a run) -------
+
+
+def _entry(method: str, name: str, times: dict[int, int], fails: int = 0, size: int = 1000):
+    """One serialised Locust StatsEntry (the fields StatsEntry.serialize writes)."""
+    n = sum(times.values())
+    return {
+        "name": name, "method": method, "last_request_timestamp": 1010.0, "start_time": 1000.0,
+        "num_requests": n, "num_none_requests": 0, "num_failures": fails,
+        "total_response_time": float(sum(ms * c for ms, c in times.items())),
+        "max_response_time": float(max(times)), "min_response_time": float(min(times)),
+        "total_content_length": size * n, "response_times": {str(k): v for k, v in times.items()},
+        "num_reqs_per_sec": {}, "num_fail_per_sec": {},
+    }  # fmt: skip
+
+
+def _worker(wid: str, rest: int, grpc: int, final: bool = True) -> dict:
+    counts = {p: {"requests": n, "failures": 0} for p, n in (("rest", rest), ("grpc", grpc)) if n}
+    pid = 101 + "ab".index(wid)
+    return {"id": wid, "host": "h", "pid": pid, "counts": counts, "final": final}
+
+
+def write_merged(prefix: Path, workers: list[dict], entries: list[dict], expected: int = 2):
+    data = {
+        "mode": "distributed", "expected_workers": expected, "workers": workers,
+        "start_time": 1000.0, "last_request_timestamp": 1010.0, "entries": entries,
+    }  # fmt: skip
+    merged_path(prefix).write_text(json.dumps(data))
+    return prefix
+
+
+def two_workers_run(prefix: Path, **worker_overrides) -> Path:
+    """Master's merged stats of two workers: 95 fast REST answers (10 ms) and 5 slow (200 ms),
+    100 gRPC at 50 ms; worker a sent 60 REST + 50 gRPC, worker b 40 + 50."""
+    entries = [
+        _entry("POST", "predict", {10: 95, 200: 5}, fails=1),
+        _entry("grpc", "Predictions", {50: 100}, size=500),
+    ]
+    workers = [_worker("a", 60, 50), _worker("b", 40, 50)]
+    for i, w in worker_overrides.items():
+        workers[int(i[1:])] = w
+    return write_merged(prefix, workers, entries)
+
+
+def test_merged_stats_sum_counts_and_read_percentiles_off_the_merged_histogram(tmp_path):
+    prefix = two_workers_run(tmp_path / "locust")
+    s = summarise_merged(read_merged(merged_path(prefix)))
+    assert (s["rest"].requests, s["rest"].failures) == (100, 1)
+    assert (s["rest"].p50_ms, s["rest"].p95_ms, s["rest"].p99_ms) == (10, 200, 200)
+    assert (s["grpc"].requests, s["grpc"].p95_ms, s["grpc"].avg_bytes) == (100, 50, 500)
+    total = s["total"]
+    assert (total.requests, total.failures) == (200, 1)
+    # 195 of 200 within 50 ms: the merged p95 is 50 ms (REST's alone is 200, the mean of the
+    # per-protocol p95s would be 125)
+    assert (total.p50_ms, total.p95_ms, total.p99_ms) == (50, 50, 200)
+    assert total.rps == pytest.approx(20.0) and s["rest"].rps == pytest.approx(10.0)
+
+
+def test_report_prefers_merged_stats_and_lists_the_workers(tmp_path):
+    prefix = two_workers_run(tmp_path / "locust")
+    write_csvs(prefix)  # a stale CSV beside it (400 requests) must not be what is reported
+    report = write_report(prefix, tmp_path, Slo(p95_ms=300, error_rate=0.02), {})
+    assert report.summaries["total"].requests == 200 and report.problems == []
+    md = report.markdown.read_text()
+    assert "Load generators: 2 Locust worker process(es) under one master" in md
+    assert "| a | h | 101 | 60 | 50 | 0 | yes |" in md and "INCOMPLETE" not in md
+    data = json.loads(report.json.read_text())
+    gens = data["load_generators"]
+    assert (gens["sent"], gens["merged_attempts"], len(gens["workers"])) == (200, 200, 2)
+
+
+def test_merged_retried_attempts_are_kept_out_of_the_figures(tmp_path):
+    entries = [
+        _entry("POST", "predict", {10: 100}),
+        _entry("POST", f"predict{RETRIED_SUFFIX}", {5000: 3}, fails=3),
+        _entry("grpc", "Predictions", {20: 50}),
+    ]
+    prefix = write_merged(tmp_path / "locust", [_worker("a", 103, 50)], entries, expected=1)
+    s = summarise_merged(read_merged(merged_path(prefix)))
+    assert (s["rest"].requests, s["rest"].failures, s["rest"].retried) == (100, 0, 3)
+    # the retried attempts' 5 s are in no percentile
+    assert (s["total"].requests, s["total"].retried, s["total"].p99_ms) == (150, 3, 20)
+    assert write_report(prefix, tmp_path, Slo(), {}).problems == []  # 153 attempts = 153 sent
+
+
+@pytest.mark.parametrize(
+    ("override", "problem"),
+    [
+        ({"w1": _worker("b", 40, 50, final=False)}, "worker b (pid 102): no final stats report"),
+        ({"w1": _worker("b", 40, 70)}, "the merged stats hold 200 attempts, the workers sent 220"),
+    ],
+)
+def test_incomplete_merge_is_named_and_fails_the_run(tmp_path, override, problem):
+    prefix = two_workers_run(tmp_path / "locust", **override)
+    report = write_report(prefix, tmp_path, Slo(error_rate=0.02), {})
+    assert problem in report.problems
+    assert "INCOMPLETE" in report.markdown.read_text()
+    out = tmp_path / "r"
+    assert run_main(["--from-csv", str(prefix), "--out", str(out), "--slo-error-rate", "0.02"]) == 2
+
+
+def test_a_missing_worker_is_named(tmp_path):
+    entries = [_entry("POST", "predict", {10: 60}), _entry("grpc", "Predictions", {50: 50})]
+    prefix = write_merged(tmp_path / "locust", [_worker("a", 60, 50)], entries, expected=2)
+    assert write_report(prefix, tmp_path, Slo(), {}).problems == [
+        "1 worker(s) reported, 2 expected"
+    ]
+
+
+def test_locust_command_for_processes_and_an_external_master(tmp_path):
+    from loadtest.run import build_parser, locust_command
+
+    base = ["--host", "http://h:8080"]
+    cmd = locust_command(build_parser().parse_args(base), tmp_path / "p")
+    assert "--processes" not in cmd and "--master" not in cmd  # today's single process
+    cmd = locust_command(build_parser().parse_args([*base, "--processes", "3"]), tmp_path / "p")
+    assert cmd[cmd.index("--processes") + 1] == "3" and "--master" not in cmd
+    args = build_parser().parse_args([*base, "--expect-workers", "4", "--master-bind-port", "6000"])
+    cmd = locust_command(args, tmp_path / "p")
+    assert "--master" in cmd and cmd[cmd.index("--expect-workers") + 1] == "4"
+    assert cmd[cmd.index("--master-bind-port") + 1] == "6000"
+    for bad in (["--processes", "0"], ["--processes", "2", "--expect-workers", "2"]):
+        assert run_main([*base, *bad, "--out", str(tmp_path / "r")]) == 2
+
+
+def test_percentile_is_locusts_own_rule():
+    """Same answers as locust.stats.calculate_response_time_percentile (in a subprocess:
+    importing locust monkey-patches this process for gevent)."""
+    import random
+    import subprocess
+    import sys
+
+    from loadtest.slo import percentile
+
+    rng = random.Random(0)
+    cases = []
+    for _ in range(50):
+        times = {rng.choice([3, 40, 41, 99, 120, 130, 900, 4000]): rng.randint(1, 50)}
+        times |= {rng.randint(1, 3000): rng.randint(1, 9) for _ in range(rng.randint(0, 6))}
+        cases.append((times, sum(times.values()), rng.choice([0.5, 0.66, 0.95, 0.99, 1.0])))
+    code = (
+        "import json, sys\n"
+        "from locust.stats import calculate_response_time_percentile as p\n"
+        "cases = json.loads(sys.stdin.read())\n"
+        "print(json.dumps([p({int(k): v for k, v in t.items()}, n, q) for t, n, q in cases]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], input=json.dumps(cases), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [percentile(t, n, q) for t, n, q in cases]

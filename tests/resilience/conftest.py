@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from loadtest.fault_server import write_server_config
+from loadtest.fault_server import ONE_WORKER, write_server_config
 from loadtest.hostile import png_claiming
 from serving.server import Ports, ServerError, start, stop
 
@@ -167,7 +167,7 @@ def special_server(tmp_path_factory):
 
     def _start(store: Path, overrides: dict[str, str]):
         root = tmp_path_factory.mktemp("special")
-        config = write_server_config(root / "config.properties", overrides)
+        config = write_server_config(root / "config.properties", {**ONE_WORKER, **overrides})
         workdir = root / "server"
         atexit.register(stop, workdir)
         started.append(str(workdir))

@@ -33,12 +33,13 @@ def test_archive_layout_config_and_manifest(tiny_archive):
         config = yaml.safe_load(z.read("model-config.yaml"))
         mar_manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
     assert config["batchSize"] == 4 and config["maxBatchDelay"] == 50
-    assert config["minWorkers"] == config["maxWorkers"] == 1
+    assert "minWorkers" not in config and "maxWorkers" not in config  # TorchServe decides
     assert config["deviceType"] == "gpu" and config["responseTimeout"] == 120
     assert config["handler"] == {
         "max_pixels": 40_000_000,
         "cuda_half": False,
         "cuda_channels_last": False,
+        "runtime": "torchscript",  # auto on a TorchScript-only export
     }
     assert mar_manifest["model"]["handler"] == "segmenter_handler.py"
     assert mar_manifest["model"]["modelVersion"] == "1.0"
@@ -49,6 +50,12 @@ def test_archive_layout_config_and_manifest(tiny_archive):
     assert manifest["source_checkpoint"] == "tests/tiny/best.pt"
     assert manifest["versions"]["torchserve"] == "0.12.0"
     assert manifest["model"]["class_names"] == ["background", "road", "building", "sky"]
+    assert (
+        manifest["runtime"]["name"] == "torchscript" and manifest["runtime"]["file"] == "model.pt"
+    )
+    assert (
+        manifest["runtime"]["requested"] == "auto" and manifest["runtime"]["parity"]["argmax_equal"]
+    )
 
 
 def test_cli_overrides(tiny_export, tmp_path):
@@ -61,6 +68,7 @@ def test_cli_overrides(tiny_export, tmp_path):
             "--batch-size", "2",
             "--max-batch-delay", "7",
             "--max-workers", "3",
+            "--threads", "2",
             "--device-type", "cpu",
             "--cuda-half",
         ]
@@ -70,6 +78,7 @@ def test_cli_overrides(tiny_export, tmp_path):
         config = yaml.safe_load(z.read("model-config.yaml"))
         assert json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"] == "2.1"
     assert (config["batchSize"], config["maxBatchDelay"], config["maxWorkers"]) == (2, 7, 3)
+    assert config["minWorkers"] == 1 and config["handler"]["threads"] == 2
     assert config["deviceType"] == "cpu" and config["handler"]["cuda_half"] is True
     assert (tmp_path / "seg-b2.manifest.json").is_file()
 
@@ -107,8 +116,17 @@ def test_inconsistent_metadata_is_refused(tiny_export, tmp_path):
         (ArchiveOptions(batch_size=0), "batch-size"),
         (ArchiveOptions(min_workers=2, max_workers=1), "max-workers"),
         (ArchiveOptions(device_type="tpu"), "device-type"),
+        (ArchiveOptions(runtime="tensorrt"), "runtime"),
     ],
 )
 def test_bad_options(options, message, tiny_export, tmp_path):
     with pytest.raises(ArchiveError, match=message):
         build_archive(tiny_export, tmp_path, options)
+
+
+def test_a_runtime_the_export_lacks_names_the_file_and_the_fix(tiny_export, tmp_path, capsys):
+    argv = ["--export-dir", str(tiny_export), "--out-dir", str(tmp_path), "--runtime", "onnx"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "export has no model.onnx: re-export with export.runtimes including onnx" in err
+    assert not list(tmp_path.glob("*.mar"))

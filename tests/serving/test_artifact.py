@@ -54,7 +54,7 @@ def test_load_metadata_errors_name_the_file(tmp_path):
 
 def full_metadata():
     """Every field set to something other than its default."""
-    from handler.artifact import ExportInfo, ModelMetadata, ServingOptions
+    from handler.artifact import ExportInfo, ModelMetadata, RuntimeExport, ServingOptions
     from handler.preprocessing import PreprocessSpec
 
     return ModelMetadata(
@@ -77,8 +77,20 @@ def full_metadata():
             format="torchscript",
             method="script",
             torch_version="2.15.0",
-            parity={"max_abs_logit_diff": 1e-6, "argmax_equal": True, "sizes": [[96, 160]]},
-            onnx={"file": "model.onnx", "parity": {"argmax_equal": True}},
+            runtimes={
+                "torchscript": RuntimeExport(
+                    "model.pt",
+                    {"max_abs_logit_diff": 1e-6, "argmax_equal": True, "sizes": [[96, 160]]},
+                ),
+                "onnx": RuntimeExport("model.onnx", {"argmax_equal": True}),
+                "onnx_int8": RuntimeExport(
+                    "model.int8.onnx",
+                    {"argmax_agreement": 0.97, "max_miou_drop": 0.05},
+                    val_miou=0.6,
+                    val_miou_fp32=0.61,
+                    miou_drop=0.01,
+                ),
+            },
         ),
     )
 
@@ -101,6 +113,12 @@ def test_every_field_round_trips_through_json_and_the_export_files(tmp_path):
     defaults = ModelMetadata("m", "1", ("a", "b"), ((0, 0, 0), (1, 1, 1)), meta.preprocess)
     for name in names - {"preprocess"}:
         assert getattr(meta, name) != getattr(defaults, name), f"full_metadata leaves {name}"
+    int8 = meta.export.runtimes["onnx_int8"]
+    for f in dataclasses.fields(int8):  # every runtime field written and read back too
+        assert getattr(int8, f.name) not in (None, {}), f"full_metadata leaves onnx_int8.{f.name}"
+    assert set(data["export"]["runtimes"]["onnx_int8"]) == {
+        f.name for f in dataclasses.fields(int8)
+    }
     # ... and read back to an equal object, through JSON text and through the written files.
     assert parse_metadata(json.loads(meta.to_json())) == meta
     assert parse_metadata(data).to_dict() == data
@@ -125,3 +143,45 @@ def test_metadata_built_in_code_is_checked_like_parsed_metadata():
         ModelMetadata("m", "1", ("a", "b"), ((0, 0, 0),), spec)
     with pytest.raises(MetadataError, match="duplicates"):
         ModelMetadata("m", "1", ("a", "a"), ((0, 0, 0), (1, 1, 1)), spec)
+
+
+def test_an_export_from_before_the_runtimes_section_still_reads(meta_dict):
+    """schema_version 1 as first written: TorchScript parity at the top, ONNX under "onnx"."""
+    old = copy.deepcopy(meta_dict)
+    parity = old["export"].pop("runtimes")["torchscript"]["parity"]
+    old["export"]["parity"] = parity
+    old["export"]["onnx"] = {"file": "model.onnx", "parity": {"argmax_equal": True}}
+    runtimes = parse_metadata(old).export.runtimes
+    assert list(runtimes) == ["torchscript", "onnx"]
+    assert runtimes["torchscript"].file == "model.pt" and runtimes["torchscript"].parity == parity
+    assert runtimes["onnx"].file == "model.onnx" and runtimes["onnx"].passed
+    del old["export"]["onnx"]
+    assert list(parse_metadata(old).export.runtimes) == ["torchscript"]
+
+
+@pytest.mark.parametrize(
+    ("runtime", "message"),
+    [
+        ({"parity": {}}, "file"),
+        ({"file": "../model.onnx", "parity": {}}, "file"),
+        ({"file": "model.onnx", "parity": []}, "parity"),
+        ({"file": "model.onnx", "miou_drop": "small"}, "miou_drop"),
+    ],
+)
+def test_a_bad_runtime_section_names_the_field(meta_dict, runtime, message):
+    bad = copy.deepcopy(meta_dict)
+    bad["export"]["runtimes"]["onnx"] = runtime
+    with pytest.raises(MetadataError, match=rf"export\.runtimes\.onnx.*{message}"):
+        parse_metadata(bad)
+
+
+def test_unknown_runtimes_are_skipped_and_a_missing_one_says_how_to_export_it(meta_dict):
+    from handler.artifact import runtime_export
+
+    newer = copy.deepcopy(meta_dict)
+    newer["export"]["runtimes"]["tensorrt"] = {"file": "model.plan", "parity": {}}
+    meta = parse_metadata(newer)
+    assert list(meta.export.runtimes) == ["torchscript"]
+    with pytest.raises(MetadataError, match="export has no model.int8.onnx: re-export with "
+                       "export.runtimes including onnx_int8"):  # fmt: skip
+        runtime_export(meta, "onnx_int8")

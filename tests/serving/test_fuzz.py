@@ -124,3 +124,31 @@ def test_the_mask_does_not_depend_on_the_strip_size(classes, low, high, tile, se
     mask, conf = logits_to_prediction(logits, geometry, tile_elements=tile)
     assert torch.equal(mask, whole_mask) and torch.equal(conf, whole_conf)
     assert mask.shape == high and int(mask.max()) < classes
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    classes=st.integers(1, 7),
+    low=st.tuples(st.integers(1, 24), st.integers(1, 24)),
+    high=st.tuples(st.integers(1, 120), st.integers(1, 120)),
+    tile=st.integers(1, 5000),
+    seed=st.integers(0, 2**16),
+)
+def test_the_boundary_shortcut_is_the_full_upsampling_argmax(classes, low, high, tile, seed):
+    """Only pixels whose four low-resolution neighbours disagree get upsampled logits; the mask
+    equals the argmax of the fully upsampled logits (F.interpolate, bilinear) wherever that
+    argmax is not a floating-point tie, and is the same with or without the confidence."""
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(seed)
+    # Blocky logits: large uniform regions, as a real model's, plus noise at the edges.
+    logits = torch.randn(classes, *low, generator=generator) * 4
+    geometry = Geometry(original_size=high, content_size=low)
+    fast, none = logits_to_prediction(logits, geometry, tile_elements=tile, with_confidence=False)
+    full, conf = logits_to_prediction(logits, geometry, tile_elements=tile)
+    assert none is None and conf is not None
+    assert torch.equal(fast, full)
+    upsampled = F.interpolate(logits[None], size=high, mode="bilinear", align_corners=False)[0]
+    top2 = upsampled.topk(min(2, classes), dim=0).values
+    clear = (top2[0] - top2[-1] > 1e-5) if classes > 1 else torch.ones(high, dtype=torch.bool)
+    assert torch.equal(fast.long()[clear], upsampled.argmax(0)[clear])

@@ -17,6 +17,7 @@ from training.datasets import build_dataset, dataset_info
 from training.export import (
     ExportError,
     ParityError,
+    check_miou_drop,
     check_parity,
     export_model,
     export_run,
@@ -66,7 +67,8 @@ def test_export_run_writes_torchscript_and_metadata_with_parity(tmp_path: Path, 
 
     meta = json.loads((run_dir / "export" / "metadata.json").read_text())
     parse_metadata(meta)  # the handler accepts it
-    parity = meta["export"]["parity"]
+    assert list(meta["export"]["runtimes"]) == ["torchscript"]  # the default: TorchScript only
+    parity = meta["export"]["runtimes"]["torchscript"]["parity"]
     assert meta["export"]["format"] == "torchscript" and meta["export"]["method"] == "trace"
     assert meta["export"]["torch_version"] == torch.__version__.split("+")[0]
     assert parity["sizes"] == [[64, 64], [96, 64]]  # traced + recipe (non-square)
@@ -107,7 +109,7 @@ def test_script_method_passes_parity(tmp_path: Path) -> None:
     run_dir = tiny_run(tmp_path, export={"method": "script", "parity_sizes": [[32, 96]]})
     meta = export_run(run_dir)["metadata"]
     assert meta["export"]["method"] == "script"
-    assert meta["export"]["parity"]["sizes"] == [[32, 96], [64, 64]]
+    assert meta["export"]["runtimes"]["torchscript"]["parity"]["sizes"] == [[32, 96], [64, 64]]
 
 
 def test_segformer_traces_with_parity_at_several_sizes(tmp_path: Path) -> None:
@@ -203,7 +205,79 @@ def test_onnx_export_with_dynamic_sizes_passes_parity(tmp_path: Path) -> None:
     run_dir = tiny_run(tmp_path)
     report = export_run(run_dir, onnx=True)
     assert Path(report["onnx_path"]).is_file()
-    onnx_parity = report["metadata"]["export"]["onnx"]["parity"]
+    onnx_parity = report["metadata"]["export"]["runtimes"]["onnx"]["parity"]
     assert onnx_parity["sizes"] == [[64, 64], [96, 64]]
     assert onnx_parity["batch_sizes"] == [1, 2]
     assert onnx_parity["max_abs_logit_diff"] <= 1e-4
+
+
+def test_export_with_every_runtime_has_parity_and_a_measured_int8_miou(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from handler.artifact import RUNTIME_FILES
+
+    export = {
+        "runtimes": ["onnx_int8", "onnx", "torchscript"],
+        "int8_calibration_images": 2,
+        "int8_max_miou_drop": 1.0,  # random weights: measured here, not judged
+        "parity_sizes": [[96, 64]],
+    }
+    run_dir = tiny_run(tmp_path, export=export)
+    report = export_run(run_dir)
+    export_dir = run_dir / "export"
+    meta = json.loads((export_dir / "metadata.json").read_text())
+    runtimes = meta["export"]["runtimes"]
+    assert list(runtimes) == ["torchscript", "onnx", "onnx_int8"]  # canonical order
+    for name, section in runtimes.items():
+        assert section["file"] == RUNTIME_FILES[name] and (export_dir / section["file"]).is_file()
+        assert section["parity"]["sizes"] == [[64, 64], [96, 64]]
+        assert section["parity"]["batch_sizes"] == [1, 2]
+    for name in ("torchscript", "onnx"):
+        assert runtimes[name]["parity"]["argmax_equal"] is True
+        assert runtimes[name]["parity"]["max_abs_logit_diff"] <= 1e-4
+    int8 = runtimes["onnx_int8"]
+    assert 0 < int8["parity"]["argmax_agreement_min"] <= int8["parity"]["argmax_agreement"] <= 1
+    assert int8["parity"]["max_miou_drop"] == 1.0
+    for key in ("val_miou", "val_miou_fp32", "miou_drop"):
+        assert np.isfinite(int8[key]), key
+    assert 0 <= int8["val_miou"] <= 1 and 0 <= int8["val_miou_fp32"] <= 1
+    assert int8["miou_drop"] == pytest.approx(int8["val_miou_fp32"] - int8["val_miou"])
+    assert report["int8"] == int8 and parse_metadata(meta).export.runtimes["onnx_int8"].passed
+    assert not [p.name for p in export_dir.iterdir() if p.name.startswith(".")]  # no staging left
+
+    # A later TorchScript-only export removes the files that would no longer match model.pt.
+    export_run(run_dir, runtimes=["torchscript"])
+    assert sorted(p.name for p in export_dir.iterdir()) == ["metadata.json", "model.pt"]
+
+
+def test_runtimes_are_checked_with_the_fix() -> None:
+    from training.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"export.runtimes: 'tensorrt' is not one of"):
+        recipe_from_dict({"export": {"runtimes": ["torchscript", "tensorrt"]}})
+    with pytest.raises(ConfigError, match="lacks torchscript"):
+        recipe_from_dict({"export": {"runtimes": ["onnx"]}})
+    with pytest.raises(ConfigError, match="int8_max_miou_drop"):
+        recipe_from_dict({"export": {"int8_max_miou_drop": -0.1}})
+    assert recipe_from_dict({"export": {"onnx": True}}).export.runtimes is None  # still valid
+
+
+def test_int8_needs_calibration_and_a_too_large_miou_drop_fails() -> None:
+    metadata = build_metadata(
+        recipe_from_dict({}),
+        dataset_info(recipe_from_dict({}).data),
+        PreprocessSpec(input_size=(64, 64)),
+        None,
+        None,
+    )
+    with pytest.raises(ExportError, match="onnx_int8 needs calibration images"):
+        export_model(
+            torch.nn.Conv2d(3, 6, 1), metadata, [], Path("unused"), runtimes=["torchscript",
+            "onnx_int8"],
+        )  # fmt: skip
+    assert check_miou_drop(0.80, 0.78, 0.05) == pytest.approx(0.02)
+    assert check_miou_drop(0.80, 0.82, 0.0) == pytest.approx(-0.02)  # INT8 may score higher
+    with pytest.raises(ParityError, match=r"drop 0.1000 .* > export.int8_max_miou_drop 0.05"):
+        check_miou_drop(0.80, 0.70, 0.05)
+    with pytest.raises(ParityError, match="not finite"):
+        check_miou_drop(float("nan"), 0.5, 0.05)

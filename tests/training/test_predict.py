@@ -133,3 +133,11 @@ def test_bad_inputs_name_the_problem(run_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="export the model first"):
         Predictor.from_export(tmp_path / "no_export")
     assert predictor.predict_batch([]) == []
+
+
+def test_a_runtime_the_export_lacks_says_how_to_export_it(run_dir: Path) -> None:
+    with pytest.raises(PredictError, match="export has no model.int8.onnx: re-export with "):
+        Predictor.from_export(run_dir / "export", runtime="onnx_int8")
+    with pytest.raises(PredictError, match="runtime 'tensorrt' is not one of"):
+        Predictor.from_export(run_dir / "export", runtime="tensorrt")
+    assert Predictor.from_export(run_dir / "export", runtime="torchscript").runtime == "torchscript"
