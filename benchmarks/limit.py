@@ -8,7 +8,7 @@ all processes over the wall time. :func:`sweep` returns every layout, best first
 
 Example:
     >>> layouts(cores=2)
-    [(1, 1), (1, 2), (2, 1)]
+    [(1, 2), (2, 1)]
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ class Layout:
 
 
 def layouts(cores: int) -> list[tuple[int, int]]:
-    """(processes, threads) pairs with ``processes x threads <= cores`` that use at least half
-    of the cores (fewer only waste them)."""
+    """(processes, threads) pairs with ``processes x threads <= cores`` that use more than half
+    of the cores (fewer only leave cores idle)."""
     pairs = []
     for processes in range(1, cores + 1):
         for threads in range(1, cores // processes + 1):
