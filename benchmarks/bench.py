@@ -218,7 +218,7 @@ def pipeline_row(
     import torch
 
     from handler.artifact import load_metadata
-    from handler.imaging import decode_image
+    from handler.imaging import DEFAULT_MAX_PIXELS, decode_image
     from handler.postprocess import encode_output
     from handler.preprocessing import (
         collate,
@@ -234,7 +234,7 @@ def pipeline_row(
         model = load_for_bench(workload.export_dir, runtime, threads)
 
         def call() -> int:
-            rgb = decode_image(image, 40_000_000)
+            rgb = decode_image(image, DEFAULT_MAX_PIXELS)
             x, geometry = prepare_image(rgb_array_to_tensor(rgb), meta.preprocess)
             with torch.inference_mode():
                 logits = model(collate([x], meta.preprocess))

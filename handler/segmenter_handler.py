@@ -182,7 +182,7 @@ class SegmenterHandler(BaseHandler):
             self.max_pixels,
             self.max_response_size,
             properties.get("batch_size"),
-            self.threads,
+            torch.get_num_threads(),  # what torch really runs with, not what we asked for
         )
 
     def _reject(self, context, idx: int, error: InputError, telemetry: Telemetry) -> bytes:

@@ -450,6 +450,20 @@ def parity_batches(
     return batches
 
 
+def _paired_outputs(
+    reference: Model, candidate: Model, x: torch.Tensor, what: str
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """Both models' logits for ``x`` (and its shape); a different output shape fails."""
+    expected, got = reference(x), candidate(x)
+    shape = tuple(x.shape)
+    if got.shape != expected.shape:
+        raise ParityError(
+            f"{what}: output shape {tuple(got.shape)} != eager {tuple(expected.shape)} "
+            f"for input {shape}"
+        )
+    return expected, got, shape
+
+
 @torch.no_grad()
 def check_parity(
     reference: Model, candidate: Model, batches: Sequence[torch.Tensor], atol: float, what: str
@@ -464,13 +478,7 @@ def check_parity(
     """
     worst = 0.0
     for x in batches:
-        expected, got = reference(x), candidate(x)
-        shape = tuple(x.shape)
-        if got.shape != expected.shape:
-            raise ParityError(
-                f"{what}: output shape {tuple(got.shape)} != eager {tuple(expected.shape)} "
-                f"for input {shape}"
-            )
+        expected, got, shape = _paired_outputs(reference, candidate, x, what)
         diff = float((got.float() - expected.float()).abs().max())
         differing = int((got.argmax(1) != expected.argmax(1)).sum())
         print(f"parity {what} input {shape}: max |logit diff| {diff:.3g}, argmax diff {differing}")
@@ -511,13 +519,7 @@ def check_agreement(
     """
     worst_diff, agreed, total, worst_agreement = 0.0, 0, 0, 1.0
     for x in batches:
-        expected, got = reference(x), candidate(x)
-        shape = tuple(x.shape)
-        if got.shape != expected.shape:
-            raise ParityError(
-                f"{what}: output shape {tuple(got.shape)} != eager {tuple(expected.shape)} "
-                f"for input {shape}"
-            )
+        expected, got, shape = _paired_outputs(reference, candidate, x, what)
         diff = float((got.float() - expected.float()).abs().max())
         same = int((got.argmax(1) == expected.argmax(1)).sum())
         pixels = expected.shape[0] * expected.shape[2] * expected.shape[3]
