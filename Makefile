@@ -27,7 +27,7 @@ PROCESSES   ?= 1
 SLO_P95_MS  ?= 300
 SLO_ERROR_RATE ?= 0.01
 
-.PHONY: help install train train-ddp evaluate export archive serve stop demo test test-fast lint bench loadtest soak chaos k8s-tools k8s-validate k8s-deploy clean
+.PHONY: help install train train-ddp evaluate export archive serve stop demo test test-fast lint bench loadtest soak chaos k8s-tools k8s-sync k8s-validate k8s-deploy image image-tools clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -94,7 +94,7 @@ serve: install ## start TorchServe with config.properties and wait until the mod
 stop: install ## stop TorchServe
 	$(PY) -m serving.server stop
 
-test: install k8s-tools ## run the whole test suite (installs first when needed)
+test: install k8s-tools image-tools ## run the whole test suite (installs first when needed; builds the serving image)
 	$(PY) -m pytest
 
 test-fast: install k8s-tools ## run the tests that neither train for long nor start TorchServe
@@ -120,6 +120,15 @@ chaos: install ## kill a worker, overload the queue, time a request out, hostile
 
 k8s-tools: install ## fetch kubectl (+kustomize) and promtool into .tools/bin
 	$(PY) k8s/tools/toolchain.py
+
+k8s-sync: ## refresh k8s/base/config/ (what kustomize reads) from config.properties + handler/metrics.yaml
+	$(PY) k8s/tools/sync.py
+
+image-tools: install ## install buildah + mmdebstrap from the distro when missing (what `make image` builds with)
+	$(PY) k8s/tools/image.py tools
+
+image: install ## build the serving image k8s/Dockerfile with buildah (no Docker daemon; installs buildah + mmdebstrap)
+	$(PY) k8s/tools/image.py build $(ARGS)
 
 k8s-validate: k8s-tools ## render every k8s overlay, validate it strictly, promtool check + test the alerts
 	$(PY) k8s/tools/validate.py

@@ -42,10 +42,12 @@ class AuthError(ClientError):
         self.kind = kind
         env = "SEGSERVE_MANAGEMENT_TOKEN" if kind == "management" else "SEGSERVE_TOKEN"
         super().__init__(
-            f"TorchServe at {url} refused the {kind} token{f' ({detail})' if detail else ''}. "
-            f"The key is the '{kind}' entry of key_file.json, written in the directory TorchServe "
-            f"was started from: pass it with --key-file PATH or set {env}. The inference and "
-            "management keys differ, and they change every time TorchServe restarts."
+            f"{url} refused the {kind} token{f' ({detail})' if detail else ''}. "
+            f"Against a local TorchServe the key is the '{kind}' entry of key_file.json, written "
+            f"in the directory TorchServe was started from: pass it with --key-file PATH or set "
+            f"{env} (the inference and management keys differ and change at every restart). "
+            "Against the Kubernetes deployment it is a token of the Secret segserve-api-tokens "
+            "(pass --token or set SEGSERVE_TOKEN)."
         )
 
 

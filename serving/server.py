@@ -98,7 +98,8 @@ class Ports:
 
 @dataclass(frozen=True)
 class ServerInfo:
-    """Where a running TorchServe listens and the tokens to talk to it."""
+    """Where a running TorchServe listens and the tokens to talk to it ("" when it runs with
+    ``disable_token_authorization=true``)."""
 
     inference_url: str
     management_url: str
@@ -428,6 +429,8 @@ def _wait_ready(
     management_url = _client_url(
         props.get("management_address", f"http://127.0.0.1:{MANAGEMENT_PORT}")
     )
+    # Without token authorisation TorchServe writes no key file: wait for the workers alone.
+    no_auth = props.get("disable_token_authorization", "").strip().lower() == "true"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not _alive(pid):
@@ -435,7 +438,7 @@ def _wait_ready(
         fatal = _fatal_log_line(log_dir)
         if fatal:
             raise ServerError(f"TorchServe failed: {fatal}\n{_log_tail(log_dir)}")
-        keys = read_keys(workdir)
+        keys = {"inference": "", "management": ""} if no_auth else read_keys(workdir)
         try:
             ready = keys is not None and _workers_ready(management_url, keys["management"], names)
         except (OSError, ValueError):

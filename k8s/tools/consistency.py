@@ -102,22 +102,137 @@ def check_response_limit(props: dict[str, str], container: dict) -> list[str]:
     return []
 
 
-def check_ports(objects: list[dict], cfg: dict[str, str]) -> list[str]:
-    """Container and Service ports equal config.properties'; management is never exposed."""
-    deployment = find(objects, "Deployment", "segserve")
-    container = torchserve_container(deployment)
-    expected = {
-        "http": port_of(cfg.get("inference_address", "http://127.0.0.1:8080")),
-        "grpc": int(cfg.get("grpc_inference_port", 7070)),
-        "metrics": port_of(cfg.get("metrics_address", "http://127.0.0.1:8082")),
+AUTH_PROXY = "auth-proxy"
+AUTH_PROXY_CONFIG = "segserve-auth-proxy"
+API_TOKENS_SECRET = "segserve-api-tokens"
+# The proxy's listeners and what each forwards to, as config.properties keys of TorchServe.
+PROXIED = {
+    "http": "inference_address",
+    "grpc": "grpc_inference_port",
+    "metrics": "metrics_address",
+}
+_NGINX_BLOCK = re.compile(r"\b(server|upstream\s+(\S+))\s*\{")
+_NGINX_LISTEN = re.compile(r"(?:^|[;{}])\s*listen\s+(?:[\d.]+:)?(\d+)\b", re.M)
+_NGINX_PASS = re.compile(r"(?:^|[;{}])\s*(?:proxy|grpc)_pass\s+\w+://([^;/\s]+)", re.M)
+_NGINX_SERVER = re.compile(r"(?:^|[;{}])\s*server\s+([^;\s]+)", re.M)
+
+
+def _nginx_blocks(conf: str) -> list[tuple[str, str | None, str]]:
+    """``(kind, upstream name, body)`` of each top-level server/upstream block of the http block
+    (comments dropped; braces matched, so nested locations stay inside their server)."""
+    text = re.sub(r"#[^\n]*", "", conf)
+    blocks = []
+    for match in _NGINX_BLOCK.finditer(text):
+        depth, i = 1, match.end()
+        while depth and i < len(text):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        kind = "upstream" if match.group(2) else "server"
+        blocks.append((kind, match.group(2), text[match.end() : i - 1]))
+    return blocks
+
+
+def proxy_routes(conf: str) -> dict[int, set[int]]:
+    """``{listen port: {upstream ports}}`` of an nginx config.
+
+    >>> proxy_routes("upstream ts { server 127.0.0.1:8085; } "
+    ...              "server { listen 8080; location / { proxy_pass http://ts; } }")
+    {8080: {8085}}
+    """
+    blocks = _nginx_blocks(conf)
+    upstreams = {
+        name: {int(a.rsplit(":", 1)[1]) for a in _NGINX_SERVER.findall(body) if ":" in a}
+        for kind, name, body in blocks
+        if kind == "upstream"
     }
-    ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+    routes: dict[int, set[int]] = {}
+    for kind, _, body in blocks:
+        if kind != "server":
+            continue
+        targets: set[int] = set()
+        for target in _NGINX_PASS.findall(body):
+            if target in upstreams:
+                targets |= upstreams[target]
+            elif ":" in target:
+                targets.add(int(target.rsplit(":", 1)[1]))
+        for port in _NGINX_LISTEN.findall(body):
+            routes.setdefault(int(port), set()).update(targets)
+    return routes
+
+
+def auth_proxy_container(deployment: dict) -> dict | None:
+    """The auth-proxy sidecar (a restartPolicy: Always init container), else None."""
+    pod = deployment["spec"]["template"]["spec"]
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        if c["name"] == AUTH_PROXY:
+            return c
+    return None
+
+
+def _config_map(objects: list[dict], prefix: str) -> dict | None:
+    """The ConfigMap generated as ``prefix`` (kustomize adds a hash suffix)."""
+    for obj in objects:
+        name = obj["metadata"]["name"]
+        if obj["kind"] == "ConfigMap" and (name == prefix or name.startswith(prefix + "-")):
+            return obj
+    return None
+
+
+def _is_loopback(address: str) -> bool:
+    return _host(address) in LOOPBACK
+
+
+def check_ports(objects: list[dict], cfg: dict[str, str]) -> list[str]:
+    """TorchServe listens on loopback only; the auth proxy's listeners forward to the ports
+    config.properties (with the pod's TS_* env) gives it; the Service and the NetworkPolicy
+    reach only the proxy's ports, never management."""
+    deployment = find(objects, "Deployment", "segserve")
+    name = object_name(deployment)
     problems = [
-        f"{object_name(deployment)}: containerPort {name}={ports.get(name)} but config.properties "
-        f"says {port}"
-        for name, port in expected.items()
-        if ports.get(name) != port
+        f"{name}: TorchServe's {key}={cfg[key]} listens beyond loopback: anyone reaching the pod "
+        "would skip the auth proxy (set TS_ env to 127.0.0.1, k8s/base/deployment.yaml)"
+        for key in (
+            "inference_address",
+            "management_address",
+            "metrics_address",
+            "grpc_inference_address",
+            "grpc_management_address",
+        )
+        if not _is_loopback(cfg.get(key, "0.0.0.0" if key.startswith("grpc") else "http://0.0.0.0"))
     ]
+    if torchserve_container(deployment).get("ports"):
+        problems.append(f"{name}: torchserve declares containerPorts; only {AUTH_PROXY} listens")
+    proxy = auth_proxy_container(deployment)
+    if proxy is None:
+        return problems + [
+            f"{name}: no {AUTH_PROXY} sidecar: nothing checks the API token (k8s/base/auth-proxy)"
+        ]
+    if proxy not in deployment["spec"]["template"]["spec"].get("initContainers", []) or (
+        proxy.get("restartPolicy") != "Always"
+    ):
+        problems.append(
+            f"{name}: {AUTH_PROXY} must be a native sidecar (initContainers, restartPolicy: "
+            "Always) so it outlives TorchServe's drain"
+        )
+    ports = {p["name"]: p["containerPort"] for p in proxy.get("ports", [])}
+    cm = _config_map(objects, AUTH_PROXY_CONFIG)
+    routes = proxy_routes(cm["data"].get("nginx.conf", "")) if cm else {}
+    if cm is None:
+        problems.append(f"{name}: no ConfigMap {AUTH_PROXY_CONFIG} with the proxy's nginx.conf")
+    for port_name, key in PROXIED.items():
+        default = "7070" if key == "grpc_inference_port" else "http://127.0.0.1:8080"
+        upstream = (
+            int(cfg.get(key, default)) if key.endswith("port") else port_of(cfg.get(key, default))
+        )
+        listen = ports.get(port_name)
+        if listen is None:
+            problems.append(f"{name}: {AUTH_PROXY} has no containerPort named {port_name}")
+        elif cm is not None and routes.get(listen) != {upstream}:
+            problems.append(
+                f"{AUTH_PROXY_CONFIG} nginx.conf: listener {listen} ({port_name}) forwards to "
+                f"{sorted(routes.get(listen, ())) or 'nothing'}, but TorchServe's {key} in the "
+                f"pod is port {upstream}"
+            )
     private = {
         port_of(cfg.get("management_address", "http://127.0.0.1:8081")),
         int(cfg.get("grpc_management_port", 7071)),
@@ -131,26 +246,53 @@ def check_ports(objects: list[dict], cfg: dict[str, str]) -> list[str]:
             elif target not in ports.values():
                 problems.append(
                     f"{object_name(svc)}: port {p['name']} targets {target}, which "
-                    "the torchserve container does not serve"
+                    f"the {AUTH_PROXY} container does not serve"
                 )
     for netpol in (o for o in objects if o["kind"] == "NetworkPolicy"):
         for rule in netpol["spec"].get("ingress", []):
             for p in rule.get("ports", []):
-                if ports.get(p["port"], p["port"]) in private:
-                    problems.append(f"{object_name(netpol)}: ingress allows management {p['port']}")
-    for key in ("inference_address", "metrics_address"):
-        if "127.0.0.1" in cfg.get(key, "127.0.0.1") or "localhost" in cfg.get(key, ""):
-            problems.append(
-                f"{object_name(deployment)}: {key} binds loopback in the pod; probes "
-                "and the Service cannot reach it (set TS_ env or config.properties)"
-            )
-    if cfg.get("grpc_inference_address", "127.0.0.1") in ("127.0.0.1", "localhost"):
-        problems.append(f"{object_name(deployment)}: grpc_inference_address binds loopback")
+                if ports.get(p["port"], p["port"]) not in ports.values():
+                    problems.append(
+                        f"{object_name(netpol)}: ingress admits port {p['port']}, which is not "
+                        f"one of the {AUTH_PROXY}'s ({sorted(ports)})"
+                    )
     return problems
 
 
+def check_api_tokens(deployment: dict) -> list[str]:
+    """The proxy mounts the Secret segserve-api-tokens (read-only, not optional) where
+    auth.js reads it."""
+    name = object_name(deployment)
+    proxy = auth_proxy_container(deployment)
+    if proxy is None:
+        return []  # check_ports names the missing proxy
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"].get("volumes", [])}
+    for mount in proxy.get("volumeMounts", []):
+        secret = volumes.get(mount["name"], {}).get("secret")
+        if secret and secret.get("secretName") == API_TOKENS_SECRET:
+            problems = []
+            if mount["mountPath"] != "/etc/segserve/auth" or not mount.get("readOnly"):
+                problems.append(
+                    f"{name}: {AUTH_PROXY} must mount {API_TOKENS_SECRET} read-only at "
+                    f"/etc/segserve/auth (nginx.conf's $segserve_tokens_file), got {mount}"
+                )
+            if secret.get("optional"):
+                problems.append(
+                    f"{name}: volume {mount['name']}: {API_TOKENS_SECRET} must not be optional "
+                    "(the pod would start and refuse every request)"
+                )
+            if mount.get("subPath"):
+                problems.append(f"{name}: a subPath mount of {API_TOKENS_SECRET} never rotates")
+            return problems
+    return [f"{name}: {AUTH_PROXY} mounts no Secret {API_TOKENS_SECRET} (its tokens)"]
+
+
 def check_probes_and_auth(deployment: dict, cfg: dict[str, str]) -> list[str]:
+    """TorchServe's probes GET /ping through the proxy's http port (the kubelet reaches only the
+    pod IP); TorchServe's own token auth is off (the proxy checks, /ping would answer 401)."""
     container = torchserve_container(deployment)
+    proxy = auth_proxy_container(deployment) or {}
+    http_port = {p["name"]: p["containerPort"] for p in proxy.get("ports", [])}.get("http")
     name = object_name(deployment)
     problems = []
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -159,12 +301,15 @@ def check_probes_and_auth(deployment: dict, cfg: dict[str, str]) -> list[str]:
             problems.append(f"{name}: torchserve has no {probe}")
             continue
         http = spec.get("httpGet")
-        if http and (http.get("path") != "/ping" or http.get("port") != "http"):
-            problems.append(f"{name}: {probe} should GET /ping on port http, got {http}")
+        if http and (http.get("path") != "/ping" or http.get("port") != http_port):
+            problems.append(
+                f"{name}: {probe} should GET /ping on {http_port} (the proxy's http port), "
+                f"got {http}"
+            )
         if http and cfg.get("disable_token_authorization", "false").lower() != "true":
             problems.append(
-                f"{name}: {probe} is an HTTP probe but token auth is on: /ping would "
-                "answer 401 (pass --disable-token-auth, see k8s/README.md)"
+                f"{name}: {probe} is an HTTP probe but TorchServe's token auth is on: /ping "
+                "would answer 401 (pass --disable-token-auth; the auth proxy checks tokens)"
             )
     return problems
 

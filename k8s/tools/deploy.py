@@ -1,6 +1,6 @@
 """Deploy an overlay to the current kube context and prove it answers.
 
-Steps: render the overlay (kustomize, LoadRestrictionsNone) -> server-side apply every object
+Steps: render the overlay (kustomize, as `kubectl apply -k`) -> server-side apply every object
 (field manager ``segserve-deploy``; Namespace first) -> wait until the Deployment's rollout is
 complete -> ``kubectl port-forward`` to the Service -> one smoke prediction (a generated PNG
 unless ``--image`` is given) -> stop the port-forward. ``--dry-run`` prints the plan and the
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import socket
 import subprocess
 import sys
@@ -28,7 +29,11 @@ from serving.properties import DEFAULT_MODEL_NAME
 if __package__ in (None, ""):  # run as a script: make `k8s.tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from k8s.tools.consistency import SHA256_PLACEHOLDER, placeholder_pins  # noqa: E402
+from k8s.tools.consistency import (  # noqa: E402
+    API_TOKENS_SECRET,
+    SHA256_PLACEHOLDER,
+    placeholder_pins,
+)
 from k8s.tools.render import OVERLAYS_DIR, object_name, render_overlay  # noqa: E402
 from k8s.tools.toolchain import require  # noqa: E402
 
@@ -123,7 +128,8 @@ def plan(target: Target, objects: list[dict]) -> list[str]:
         steps += [
             f"wait up to {target.timeout_s} s for Deployment/{ns}/{target.deployment} to roll out",
             f"kubectl port-forward -n {ns} svc/{target.service} <local>:{target.service_port}",
-            f"POST a PNG to /predictions/{target.model_name}; expect 200 and a non-empty body",
+            f"POST a PNG to /predictions/{target.model_name} without a token; expect 401",
+            f"POST it with a token of Secret {API_TOKENS_SECRET}; expect 200 and a non-empty body",
         ]
     return steps
 
@@ -203,8 +209,50 @@ def _camel(d: dict) -> dict:
     }
 
 
-def smoke_test(target: Target, namespace: str, context: str | None, image: bytes) -> int:
-    """Port-forward to the Service and POST one image; returns the response size."""
+def first_token(tokens_file_text: str) -> str | None:
+    """The first token of the Secret's ``tokens`` (the proxy's format: one per line, ``#``
+    comments and blank lines ignored).
+
+    >>> first_token("# rotated 2026-12\\n\\nabc\\ndef\\n")
+    'abc'
+    """
+    lines = (line.strip() for line in tokens_file_text.splitlines())
+    return next((line for line in lines if line and not line.startswith("#")), None)
+
+
+def api_token(namespace: str, context: str | None) -> str:
+    """A token of the Secret the auth proxy reads (live API); DeployError saying how to create
+    it when it is missing (the pods wait for it)."""
+    import base64
+
+    from kubernetes import client, config
+    from kubernetes.client.exceptions import ApiException
+
+    core = client.CoreV1Api(config.new_client_from_config(context=context))
+    create = (
+        f"kubectl -n {namespace} create secret generic {API_TOKENS_SECRET} "
+        '--from-literal=tokens="$(openssl rand -hex 32)"'
+    )
+    try:
+        secret = core.read_namespaced_secret(API_TOKENS_SECRET, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            raise DeployError(
+                f"Secret {namespace}/{API_TOKENS_SECRET} does not exist: the pods wait for it. "
+                f"Create it ({create}), then rerun"
+            ) from None
+        raise
+    token = first_token(base64.b64decode((secret.data or {}).get("tokens", "")).decode())
+    if token is None:
+        raise DeployError(f"Secret {namespace}/{API_TOKENS_SECRET} has no token in key tokens")
+    return token
+
+
+def smoke_test(
+    target: Target, namespace: str, context: str | None, image: bytes, token: str
+) -> int:
+    """Port-forward to the Service, check the proxy refuses a call without the token, POST one
+    image with it; returns the response size."""
     import requests
 
     port = _free_port()
@@ -223,14 +271,19 @@ def smoke_test(target: Target, namespace: str, context: str | None, image: bytes
         url = f"http://127.0.0.1:{port}/predictions/{target.model_name}"
         for _ in range(30):
             try:
-                r = requests.post(
-                    url, data=image, headers={"Content-Type": "image/png"}, timeout=60
-                )
+                anonymous = requests.post(url, data=image, timeout=60)
                 break
             except requests.ConnectionError:
                 time.sleep(1)
         else:
             raise DeployError(f"port-forward to svc/{target.service} never accepted connections")
+        if anonymous.status_code != 401:
+            raise DeployError(
+                f"a call without a token got HTTP {anonymous.status_code}, not 401: the auth "
+                "proxy is not in front of TorchServe"
+            )
+        headers = {"Content-Type": "image/png", "Authorization": f"Bearer {token}"}
+        r = requests.post(url, data=image, headers=headers, timeout=60)
         if r.status_code != 200 or not r.content:
             raise DeployError(f"smoke prediction: HTTP {r.status_code}: {r.text[:300]}")
         return len(r.content)
@@ -242,7 +295,13 @@ def smoke_test(target: Target, namespace: str, context: str | None, image: bytes
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--overlay", default="cpu", help="cpu, gpu, kserve or a folder")
-    parser.add_argument("--image-ref", help="serving image, e.g. registry/segserve:0.1.0-gpu")
+    parser.add_argument("--image-ref", help="serving image, e.g. registry/segserve:0.1.0")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("SEGSERVE_TOKEN"),
+        help=f"API token for the smoke test (default $SEGSERVE_TOKEN, else the Secret "
+        f"{API_TOKENS_SECRET})",
+    )
     parser.add_argument("--context", help="kubeconfig context (default: current)")
     parser.add_argument("--image", type=Path, help="image for the smoke prediction")
     parser.add_argument("--timeout", type=int, default=900, help="rollout timeout, seconds")
@@ -270,9 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         deployments = [o for o in objects if o["kind"] == "Deployment"]
         if deployments:
             ns = deployments[0]["metadata"]["namespace"]
+            token = args.token or api_token(ns, args.context)  # before the long wait
             wait_rollout(target, ns, args.context)
             image = args.image.read_bytes() if args.image else smoke_png()
-            size = smoke_test(target, ns, args.context, image)
+            size = smoke_test(target, ns, args.context, image, token)
             print(f"smoke prediction ok ({size:,} bytes)")
     except DeployError as exc:
         print(f"deploy: error: {exc}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Render a kustomize overlay into a list of Kubernetes objects.
 
-``--load-restrictor LoadRestrictionsNone`` lets the base read ``config.properties`` and
-``handler/metrics.yaml`` from the repository root (one source of truth, no copies).
+``kubectl kustomize`` with its default settings, exactly what ``kubectl apply -k`` runs (the
+base's copies of config.properties and handler/metrics.yaml: ``k8s/tools/sync.py``).
 
 Example:
     >>> objs = render_overlay(REPO / "k8s/overlays/cpu")  # doctest: +SKIP
@@ -35,8 +35,6 @@ def render_text(overlay: Path, kubectl: Path | None = None) -> str:
     cmd = [
         str(kubectl or require("kubectl")),
         "kustomize",
-        "--load-restrictor",
-        "LoadRestrictionsNone",
         str(overlay),
     ]
     done = subprocess.run(cmd, capture_output=True, text=True)

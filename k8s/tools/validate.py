@@ -1,6 +1,7 @@
 """``make k8s-validate``: render every overlay and fail on anything wrong with it.
 
-1. ``kubectl kustomize --load-restrictor LoadRestrictionsNone`` renders each overlay.
+1. ``kubectl kustomize`` (default settings, as ``kubectl apply -k``) renders each overlay; the
+   base's copies of config.properties and handler/metrics.yaml equal their sources (sync.py).
 2. Every object is validated strictly (kubernetes-validate for built-in kinds, the vendored CRD
    schemas for ServiceMonitor, PrometheusRule, InferenceService).
 3. The manifests are held to config.properties (and the KServe overlay to kserve.properties),
@@ -39,6 +40,7 @@ from k8s.tools.promrules import (  # noqa: E402
 )
 from k8s.tools.render import RenderError, find, object_name, overlays, render_overlay  # noqa: E402
 from k8s.tools.schemas import DEFAULT_K8S_VERSION, validate_object  # noqa: E402
+from k8s.tools.sync import drift  # noqa: E402
 from k8s.tools.toolchain import REPO  # noqa: E402
 from serving.properties import read_properties  # noqa: E402
 
@@ -74,6 +76,7 @@ def check_overlay_objects(
         problems += cc.check_response_limit(props, container)
         problems += cc.check_ports(objects, cfg)
         problems += cc.check_probes_and_auth(deployment, cfg)
+        problems += cc.check_api_tokens(deployment)
         problems += cc.check_termination(deployment, cfg, cc.DEFAULT_RESPONSE_TIMEOUT_S)
         problems += cc.check_file_layout(deployment, props)
         problems += cc.check_security(deployment)
@@ -126,7 +129,7 @@ def validate_repo(repo: Path = REPO, k8s_version: str = DEFAULT_K8S_VERSION) -> 
     found = overlays(repo / "k8s" / "overlays")
     if not found:
         return [f"{repo / 'k8s/overlays'}: no overlay (folder with kustomization.yaml)"]
-    problems = check_monitoring_promql(repo)
+    problems = drift(repo) + check_monitoring_promql(repo)
     for overlay in found:
         label = overlay.relative_to(repo)
         try:

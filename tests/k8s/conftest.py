@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from k8s.tools.sync import sync
 from k8s.tools.toolchain import ToolError, require
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,7 +48,24 @@ def repo_copy(tmp_path: Path) -> Path:
     if "enable_envvars_config=true" not in text:
         text += "\nenable_envvars_config=true\n"
     (dst / "config.properties").write_text(text)
+    sync(dst)  # the base's copies follow the sources, as `make k8s-sync` keeps them
     return dst
+
+
+def self_signed_cert(folder: Path) -> tuple[Path, Path]:
+    """A throwaway certificate for 127.0.0.1 (openssl CLI): (cert.pem, key.pem)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.fail("the HTTPS tests need the openssl CLI to make a throwaway certificate")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+        + ["-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1"]
+        + ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
 
 
 def edit(path: Path, old: str, new: str) -> None:

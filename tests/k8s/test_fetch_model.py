@@ -12,7 +12,6 @@ import http.server
 import importlib.util
 import json
 import os
-import shutil
 import ssl
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import pytest
 
 from k8s.tools import consistency as cc
 
-from .conftest import REPO
+from .conftest import REPO, self_signed_cert
 
 SCRIPT = REPO / "k8s/base/scripts/fetch_model.py"
 PAYLOAD = b"PK\x03\x04" + bytes(range(256)) * 4000  # ~1 MB: several download chunks
@@ -50,21 +49,6 @@ class Servers:
     http: str
     ca_file: Path
     hits: Counter  # (scheme, path) -> requests served
-
-
-def _self_signed(folder: Path) -> tuple[Path, Path]:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.fail("the HTTPS tests need the openssl CLI to make a throwaway certificate")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
-        + ["-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1"]
-        + ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 def _handler(scheme: str, hits: Counter, other: dict[str, str]):
@@ -115,7 +99,7 @@ def _handler(scheme: str, hits: Counter, other: dict[str, str]):
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory) -> Servers:
-    cert, key = _self_signed(tmp_path_factory.mktemp("tls"))
+    cert, key = self_signed_cert(tmp_path_factory.mktemp("tls"))
     hits: Counter = Counter()
     urls: dict[str, str] = {}
     started = []

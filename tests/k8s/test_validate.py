@@ -10,6 +10,7 @@ import yaml
 
 from k8s.tools import consistency as cc
 from k8s.tools.render import find, render_overlay
+from k8s.tools.sync import drift, sync
 from k8s.tools.validate import validate_repo
 
 from .conftest import REPO, edit
@@ -60,19 +61,59 @@ def test_crd_field_error_is_caught(repo_copy):
     assert any("ServiceMonitor/segserve/segserve" in p and "scrapeTimout" in p for p in problems)
 
 
-def test_port_drift_from_config_properties_is_named(repo_copy):
-    edit(
-        repo_copy / "config.properties",
-        "inference_address=http://0.0.0.0:8080",
-        "inference_address=http://0.0.0.0:9080",
-    )
+def test_proxy_forwarding_to_another_port_than_torchserve_is_named(repo_copy):
     edit(
         repo_copy / "k8s/base/deployment.yaml",
-        "value: http://0.0.0.0:8080",
-        "value: http://0.0.0.0:9080",
+        "value: http://127.0.0.1:8085",
+        "value: http://127.0.0.1:9085",
     )
     problems = validate_repo(repo_copy)
-    assert any("containerPort http=8080" in p and "9080" in p for p in problems), problems
+    assert any(
+        "listener 8080 (http) forwards to [8085]" in p and "inference_address" in p and "9085" in p
+        for p in problems
+    ), problems
+
+
+def test_torchserve_listening_beyond_loopback_fails(repo_copy):
+    """Anyone reaching the pod IP would skip the auth proxy."""
+    edit(
+        repo_copy / "k8s/base/deployment.yaml",
+        "value: http://127.0.0.1:8086",
+        "value: http://0.0.0.0:8086",
+    )
+    problems = validate_repo(repo_copy)
+    assert any(
+        "metrics_address=http://0.0.0.0:8086 listens beyond loopback" in p for p in problems
+    ), problems
+
+
+def test_optional_token_secret_fails(repo_copy):
+    edit(
+        repo_copy / "k8s/base/deployment.yaml",
+        "secretName: segserve-api-tokens\n",
+        "secretName: segserve-api-tokens\n            optional: true\n",
+    )
+    problems = validate_repo(repo_copy)
+    assert any("segserve-api-tokens must not be optional" in p for p in problems), problems
+
+
+def test_network_policy_admitting_a_torchserve_port_fails(repo_copy):
+    edit(
+        repo_copy / "k8s/base/networkpolicy.yaml",
+        "        - port: grpc\n",
+        "        - port: 7075\n",
+    )
+    problems = validate_repo(repo_copy)
+    assert any(
+        "ingress admits port 7075, which is not one of the auth-proxy's" in p for p in problems
+    ), problems
+
+
+def test_proxy_as_a_plain_container_fails(repo_copy):
+    """A plain container may stop before TorchServe has drained (no sidecar ordering)."""
+    edit(repo_copy / "k8s/base/deployment.yaml", "          restartPolicy: Always\n", "")
+    problems = validate_repo(repo_copy)
+    assert any("auth-proxy must be a native sidecar" in p for p in problems), problems
 
 
 def test_exposing_management_fails(repo_copy):
@@ -165,3 +206,30 @@ def test_kserve_overlay_is_an_inferenceservice():
     model = isvc["spec"]["predictor"]["model"]
     assert model["modelFormat"]["name"] == "pytorch" and model["runtime"] == "kserve-torchserve"
     assert yaml.safe_dump(isvc)  # round-trips
+
+
+def test_drifted_config_copy_fails_until_synced(repo_copy):
+    """kustomize reads k8s/base/config/ (copies); the sources are the files people edit."""
+    edit(repo_copy / "handler/metrics.yaml", "model_metrics:", "model_metrics:  # edited")
+    problems = validate_repo(repo_copy)
+    assert any(
+        "k8s/base/config/metrics.yaml: differs from handler/metrics.yaml" in p
+        and "make k8s-sync" in p
+        for p in problems
+    ), problems
+    assert sync(repo_copy) == ["k8s/base/config/metrics.yaml"]
+    assert drift(repo_copy) == []
+    assert sync(repo_copy) == []
+
+
+def test_every_overlay_renders_as_kubectl_apply_k_would(kubectl):
+    """Default settings: no --load-restrictor (what `kubectl apply -k` cannot pass)."""
+    for overlay in ("cpu", "gpu", "kserve"):
+        done = subprocess.run(
+            [str(kubectl), "kustomize", str(REPO / "k8s/overlays" / overlay)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, f"{overlay}: {done.stderr}"
+        assert "kind: Deployment" in done.stdout or "kind: InferenceService" in done.stdout

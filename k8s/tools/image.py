@@ -1,0 +1,306 @@
+"""Build the serving image (k8s/Dockerfile) without a Docker daemon: buildah + mmdebstrap.
+
+``python k8s/tools/image.py build`` (``make image``):
+
+1. installs ``buildah`` and ``mmdebstrap`` from the distro's packages when missing (root only);
+2. makes the Dockerfile's base, ``debian:bookworm-slim``, locally when the store lacks it: a
+   ``mmdebstrap --variant=minbase bookworm`` root filesystem (with the slim image's dpkg
+   path exclusions), imported into buildah's store under that name, so ``--pull=never``
+   builds without a registry;
+3. builds with vfs storage and chroot isolation (no overlay mounts, no user namespaces: works
+   inside an unprivileged container) into a store under the git-ignored ``.cache/containers``,
+   labelled with the digest of the build context, so an unchanged context is not rebuilt.
+
+It prints the build time and the image size. ``python k8s/tools/image.py push DEST`` pushes the
+built image (e.g. ``docker://registry.example.com/segserve:0.1.0``) with ``buildah push``.
+
+Example:
+    >>> storage_options(Path("/s"))[:2]
+    ['--storage-driver', 'vfs']
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKERFILE = REPO / "k8s" / "Dockerfile"
+IGNOREFILE = REPO / "k8s" / "Dockerfile.dockerignore"
+STORE = REPO / ".cache" / "containers"
+DEFAULT_TAG = "localhost/segserve:dev"
+BASE_SUITE = "bookworm"
+CONTEXT_LABEL = "io.segserve.context-sha256"
+PACKAGES = {"buildah": "buildah", "mmdebstrap": "mmdebstrap"}
+# What debian:bookworm-slim leaves out (its dpkg.cfg.d/docker): documentation and locales.
+SLIM_EXCLUDES = (
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/info/*",
+    "path-exclude=/usr/share/locale/*",
+    "path-include=/usr/share/locale/locale.alias",
+)
+
+
+class ImageError(RuntimeError):
+    """A build step failed; the message names the step and the fix."""
+
+
+@dataclass(frozen=True)
+class Built:
+    """The image in the store: its reference, size, and the build's wall time (0: reused)."""
+
+    tag: str
+    image_id: str
+    size_bytes: int
+    build_seconds: float
+
+
+def storage_options(store: Path = STORE) -> list[str]:
+    """buildah's global options for the project's own vfs store."""
+    return [
+        "--storage-driver",
+        "vfs",
+        "--root",
+        str(store / "storage"),
+        "--runroot",
+        str(store / "run"),
+    ]
+
+
+def buildah(*args: str, store: Path = STORE, capture: bool = True) -> str:
+    """Run ``buildah`` on the project's store; ImageError with its stderr on failure."""
+    cmd = ["buildah", *storage_options(store), *args]
+    result = subprocess.run(cmd, text=True, capture_output=capture, check=False)
+    if result.returncode != 0:
+        detail = (result.stderr or "").strip()[-2000:] if capture else "see the output above"
+        raise ImageError(f"`buildah {' '.join(args[:2])}` failed ({result.returncode}): {detail}")
+    return result.stdout or ""
+
+
+def ensure_tools() -> None:
+    """buildah and mmdebstrap on PATH, installed with apt-get when missing (root only)."""
+    missing = [pkg for tool, pkg in PACKAGES.items() if shutil.which(tool) is None]
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise ImageError(
+            f"{', '.join(missing)} missing: `sudo apt-get install {' '.join(missing)}`"
+        )
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *missing]):
+        if subprocess.run(cmd, env=env, check=False).returncode != 0:
+            raise ImageError(f"`{' '.join(cmd)}` failed: install {' '.join(missing)} by hand")
+
+
+def image_exists(ref: str, store: Path = STORE) -> bool:
+    cmd = ["buildah", *storage_options(store), "inspect", "--type", "image", ref]
+    return subprocess.run(cmd, capture_output=True, check=False).returncode == 0
+
+
+def inspect(ref: str, store: Path = STORE) -> dict:
+    """``buildah inspect`` of an image, as JSON."""
+    return json.loads(buildah("inspect", "--type", "image", ref, store=store))
+
+
+def base_image_name(dockerfile: Path = DOCKERFILE) -> str:
+    """The default of the Dockerfile's ``ARG BASE_IMAGE``.
+
+    >>> base_image_name()
+    'debian:bookworm-slim'
+    """
+    for line in dockerfile.read_text(encoding="utf-8").splitlines():
+        if line.startswith("ARG BASE_IMAGE="):
+            return line.split("=", 1)[1].strip()
+    raise ImageError(f"{dockerfile}: no `ARG BASE_IMAGE=...` line")
+
+
+def ensure_base(name: str, store: Path = STORE, mirror: str | None = None) -> None:
+    """Make ``name`` in the store from a minbase mmdebstrap of bookworm, unless it is there."""
+    if image_exists(name, store):
+        return
+    mirror = mirror or os.environ.get("SEGSERVE_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+    security = mirror.rsplit("/", 1)[0] + "/debian-security"
+    sources = [
+        f"deb {mirror} {BASE_SUITE} main",
+        f"deb {mirror} {BASE_SUITE}-updates main",
+        f"deb {security} {BASE_SUITE}-security main",
+    ]
+    with tempfile.TemporaryDirectory(prefix="segserve-base-") as tmp:
+        tarball = Path(tmp) / "rootfs.tar"
+        cmd = ["mmdebstrap", "--variant=minbase", "--mode=root", "--format=tar", "--quiet"]
+        cmd += [f"--dpkgopt={opt}" for opt in SLIM_EXCLUDES]
+        # the image's apt state as in the official image: package lists dropped
+        cmd += ["--customize-hook=rm -rf $1/var/lib/apt/lists/*", BASE_SUITE, str(tarball)]
+        if subprocess.run([*cmd, *sources], check=False).returncode != 0:
+            raise ImageError(
+                f"mmdebstrap of {BASE_SUITE} failed (above): is {mirror} reachable? "
+                "Set SEGSERVE_DEBIAN_MIRROR to a mirror you can reach"
+            )
+        container = buildah("from", "scratch", store=store).strip()
+        try:
+            buildah("add", container, str(tarball), "/", store=store)
+            buildah(
+                "config",
+                "--cmd",
+                "bash",
+                "--env",
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                container,
+                store=store,
+            )
+            buildah("commit", "--quiet", container, name, store=store)
+        finally:
+            subprocess.run(
+                ["buildah", *storage_options(store), "rm", container],
+                capture_output=True,
+                check=False,
+            )
+
+
+def _ignored(rel: str, patterns: list[tuple[bool, str]]) -> bool:
+    """Docker's rule: the last matching pattern wins; ``!`` re-includes (a folder: its files)."""
+    verdict = False
+    for negated, pattern in patterns:
+        if fnmatch.fnmatch(rel, pattern) or rel.startswith(pattern.rstrip("/") + "/"):
+            verdict = not negated
+    return verdict
+
+
+def context_files(repo: Path = REPO, ignorefile: Path = IGNOREFILE) -> list[Path]:
+    """The files the build context sends (the Dockerfile's .dockerignore applied), sorted."""
+    patterns = []
+    for line in ignorefile.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            negated = line.startswith("!")
+            patterns.append((negated, line.lstrip("!").rstrip("/")))
+    reincluded = [pattern for negated, pattern in patterns if negated]
+    files = []
+    for folder, dirs, names in os.walk(repo):
+        base = Path(folder).relative_to(repo).as_posix()
+        base = "" if base == "." else base
+        # prune folders nothing re-includes (.venv, .git, runs/: no need to walk them)
+        dirs[:] = sorted(
+            d
+            for d in dirs
+            if d != "__pycache__"
+            and (
+                not _ignored(f"{base}/{d}".lstrip("/"), patterns)
+                or any(p.startswith(f"{base}/{d}/".lstrip("/")) for p in reincluded)
+            )
+        )
+        for name in names:
+            rel = f"{base}/{name}".lstrip("/")
+            if not _ignored(rel, patterns):
+                files.append(repo / rel)
+    return sorted(files)
+
+
+def context_digest(repo: Path = REPO, target: str = "serve") -> str:
+    """sha256 over the Dockerfile, the target and every context file's path and bytes."""
+    digest = hashlib.sha256(target.encode())
+    files = context_files(repo)
+    if target != "baked":  # only the baked stage copies the archive
+        files = [f for f in files if f.parent.name != "model_archives"]
+    for path in [DOCKERFILE, *files]:
+        digest.update(path.relative_to(repo).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def built(tag: str, seconds: float, store: Path = STORE) -> Built:
+    """What the store holds under ``tag``; the size is its layers' uncompressed sum."""
+    info = inspect(tag, store)
+    size = sum(layer["size"] for layer in json.loads(info["Manifest"])["layers"])
+    return Built(tag, info["FromImageID"], size, seconds)
+
+
+def pip_ca_bundle() -> Path | None:
+    """The CA bundle pip trusts here ($SEGSERVE_BUILD_CA_BUNDLE, $PIP_CERT, pip's ``global.cert``),
+    passed to the build as a secret: behind a TLS-intercepting proxy the image's own bundle
+    would refuse PyPI."""
+    named = os.environ.get("SEGSERVE_BUILD_CA_BUNDLE") or os.environ.get("PIP_CERT")
+    if not named:
+        cmd = [sys.executable, "-m", "pip", "config", "get", "global.cert"]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        named = result.stdout.strip() if result.returncode == 0 else ""
+    return Path(named) if named and Path(named).is_file() else None
+
+
+def build(
+    tag: str = DEFAULT_TAG, target: str = "serve", store: Path = STORE, rebuild: bool = False
+) -> Built:
+    """The image ``tag`` of ``target``, built unless one from the same context exists."""
+    ensure_tools()
+    digest = context_digest(REPO, target)
+    if not rebuild and image_exists(tag, store):
+        if inspect(tag, store)["OCIv1"]["config"].get("Labels", {}).get(CONTEXT_LABEL) == digest:
+            return built(tag, 0.0, store)
+    ensure_base(base_image_name(), store)
+    secrets = [f"--secret=id=pip_ca,src={ca}" for ca in [pip_ca_bundle()] if ca]
+    start = time.monotonic()
+    buildah(
+        "build",
+        *secrets,
+        "--pull=never",
+        "--isolation=chroot",
+        "--file",
+        str(DOCKERFILE),
+        "--ignorefile",
+        str(IGNOREFILE),
+        "--target",
+        target,
+        "--label",
+        f"{CONTEXT_LABEL}={digest}",
+        "--tag",
+        tag,
+        str(REPO),
+        store=store,
+        capture=False,
+    )
+    return built(tag, time.monotonic() - start, store)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    build_cmd = sub.add_parser("build", help="build (or reuse) the image")
+    build_cmd.add_argument("--tag", default=DEFAULT_TAG)
+    build_cmd.add_argument("--target", default="serve", choices=("serve", "baked"))
+    build_cmd.add_argument(
+        "--rebuild", action="store_true", help="even if the context is unchanged"
+    )
+    sub.add_parser("tools", help="install buildah + mmdebstrap when missing (root)")
+    push_cmd = sub.add_parser("push", help="push the built image, e.g. docker://host/segserve:tag")
+    push_cmd.add_argument("dest")
+    push_cmd.add_argument("--tag", default=DEFAULT_TAG)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "tools":
+            ensure_tools()
+            return 0
+        if args.command == "push":
+            buildah("push", args.tag, args.dest, capture=False)
+            return 0
+        image = build(args.tag, args.target, rebuild=args.rebuild)
+    except ImageError as exc:
+        print(f"image: error: {exc}", file=sys.stderr)
+        return 1
+    how = f"built in {image.build_seconds:.0f} s" if image.build_seconds else "up to date"
+    print(f"image: {image.tag} ({image.size_bytes / 2**30:.2f} GiB, {image.image_id[:12]}) {how}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
