@@ -24,6 +24,8 @@ from serving.properties import port_of
 
 # Scraped from kube-state-metrics, not from TorchServe.
 KUBE_STATE_METRICS = frozenset({"kube_pod_container_status_restarts_total"})
+# Written by Prometheus itself for every scrape target.
+SCRAPE_SERIES = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped"})
 # config.properties keys TorchServe accepts as TS_<KEY> environment variables.
 DEFAULT_RESPONSE_TIMEOUT_S = 120
 # MODEL_SHA256 in k8s/base until an overlay pins the archive: validation accepts it (the example
@@ -424,7 +426,7 @@ def check_metric_names(
     refs: dict[str, set[str]], exported: set[str], recorded: set[str]
 ) -> list[str]:
     """Every referenced name is exported by TorchServe, recorded by a rule, or from KSM."""
-    known = exported | recorded | KUBE_STATE_METRICS
+    known = exported | recorded | KUBE_STATE_METRICS | SCRAPE_SERIES
     return [
         f"{where}: reads {sorted(names - known)}, which neither handler/metrics.yaml nor "
         "TorchServe exports (misspelt, or missing from the metrics YAML)"

