@@ -95,6 +95,27 @@ class RuntimeExport:
 
 
 @dataclass(frozen=True)
+class DriftReference:
+    """What the model predicts on its validation split: the baseline live traffic is compared
+    with (drift monitoring). Per class, the mean share of an image's pixels over every image,
+    and the mean confidence over the class's pixels over the images where it appears: the
+    statistics of the handler's ``segserve_class_pixel_fraction`` and
+    ``segserve_class_confidence`` histograms (sum / count), measured the same way.
+    """
+
+    class_pixel_fraction: Mapping[str, float]
+    class_confidence: Mapping[str, float]  # classes never predicted have no entry
+    images: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "class_pixel_fraction": dict(self.class_pixel_fraction),
+            "class_confidence": dict(self.class_confidence),
+            "images": self.images,
+        }
+
+
+@dataclass(frozen=True)
 class ExportInfo:
     """How the export was made: ``model.pt``'s format and method, the torch version, and one
     :class:`RuntimeExport` per runtime the export carries (``torchscript`` always)."""
@@ -137,6 +158,7 @@ class ModelMetadata:
     source_checkpoint: str | None = None
     serving: ServingOptions = ServingOptions()
     export: ExportInfo | None = None  # None until the exporter has written model.pt
+    drift_reference: DriftReference | None = None  # measured by the exporter on val images
 
     def __post_init__(self) -> None:
         # Built in code (training, tests) as well as parsed: the same checks, tuples stored.
@@ -171,6 +193,8 @@ class ModelMetadata:
         }
         if self.export is not None:
             data["export"] = self.export.to_dict()
+        if self.drift_reference is not None:
+            data["drift_reference"] = self.drift_reference.to_dict()
         return data
 
     def to_json(self) -> str:
@@ -285,6 +309,28 @@ def _parse_export(raw: Any) -> ExportInfo | None:
     )
 
 
+def _parse_drift(raw: Any, class_names: tuple[str, ...]) -> DriftReference | None:
+    if raw is None:
+        return None
+    where = "metadata 'drift_reference'"
+    if not isinstance(raw, Mapping):
+        raise MetadataError(f"{where} must be an object, got {raw!r}")
+    parsed = {}
+    for key in ("class_pixel_fraction", "class_confidence"):
+        values = raw.get(key)
+        if not isinstance(values, Mapping) or not set(values) <= set(class_names):
+            raise MetadataError(f"{where}.{key} must map class names to numbers, got {values!r}")
+        if not all(isinstance(v, int | float) and 0 <= v <= 1 for v in values.values()):
+            raise MetadataError(f"{where}.{key} values must be in [0, 1], got {values!r}")
+        parsed[key] = {name: float(values[name]) for name in class_names if name in values}
+    if set(parsed["class_pixel_fraction"]) != set(class_names):
+        raise MetadataError(f"{where}.class_pixel_fraction needs every class {list(class_names)}")
+    images = raw.get("images")
+    if not isinstance(images, int) or isinstance(images, bool) or images < 1:
+        raise MetadataError(f"{where}.images must be a positive integer, got {images!r}")
+    return DriftReference(parsed["class_pixel_fraction"], parsed["class_confidence"], images)
+
+
 def _mapping(data: Mapping[str, Any], key: str) -> dict[str, Any]:
     value = data.get(key) or {}
     return dict(value) if isinstance(value, Mapping) else {}
@@ -322,6 +368,7 @@ def parse_metadata(data: Mapping[str, Any]) -> ModelMetadata:
         source_checkpoint=None if source is None else str(source),
         serving=_parse_serving(data.get("serving")),
         export=_parse_export(data.get("export")),
+        drift_reference=_parse_drift(data.get("drift_reference"), tuple(names)),
     )
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -56,27 +57,25 @@ from ts.utils.util import PredictionException  # noqa: E402
 
 from handler.artifact import METADATA_FILE, MODEL_FILE, TORCHSCRIPT, load_metadata  # noqa: E402
 from handler.batch import Batch, PreparedImage  # noqa: E402
+from handler.drift import image_statistics  # noqa: E402
 from handler.errors import InputError, quote_input  # noqa: E402
 from handler.imaging import DEFAULT_MAX_PIXELS, decode_image  # noqa: E402
-from handler.postprocess import (  # noqa: E402
-    NEEDS_CONFIDENCE,
-    class_confidences,
-    class_fractions,
-    encode_output,
-)
+from handler.postprocess import NEEDS_CONFIDENCE, encode_output  # noqa: E402
 from handler.preprocessing import (  # noqa: E402
     collate,
     logits_to_prediction,
-    model_resolution_prediction,
     prepare_image,
     rgb_array_to_tensor,
 )
 from handler.request import parse_request  # noqa: E402
 from handler.runtime import load_model  # noqa: E402
+from handler.sampling import LowConfidenceSampler, mean_confidence  # noqa: E402
 from handler.sizing import worker_threads  # noqa: E402
 from handler.telemetry import Telemetry  # noqa: E402
 
 logger = logging.getLogger(__name__)
+# How often a worker re-sends the drift baseline gauges (seconds; the first batch sends them).
+REFERENCE_EVERY_S = 60.0
 
 # The frontend's own default max_response_size: the safe bound when nothing else says more.
 TORCHSERVE_MAX_RESPONSE_SIZE = 6_553_500
@@ -122,6 +121,9 @@ class SegmenterHandler(BaseHandler):
     """Semantic segmentation: image bytes in, class mask (or colour/overlay/JSON) out."""
 
     def initialize(self, context) -> None:
+        self._reference_sent_at = -math.inf
+        # Off unless SEGSERVE_SAMPLE_DIR is set; a bad setting fails the model load, named.
+        self.sampler = LowConfidenceSampler.from_environment()
         properties = context.system_properties
         model_dir = Path(properties["model_dir"])
         meta = load_metadata(model_dir / METADATA_FILE)
@@ -247,6 +249,10 @@ class SegmenterHandler(BaseHandler):
         telemetry.observe("segserve_inference_seconds", batch.inferred_at - batch.preprocessed_at)
         telemetry.observe("segserve_postprocess_seconds", done - batch.inferred_at)
         telemetry.observe("segserve_batch_size", len(batch.prepared))
+        reference = self.meta.drift_reference
+        if reference is not None and done - self._reference_sent_at >= REFERENCE_EVERY_S:
+            telemetry.reference(reference)
+            self._reference_sent_at = done
         logger.info(
             "segserve batch: %d request(s), %d image(s) in one forward %s",
             len(batch.responses),
@@ -359,13 +365,7 @@ class SegmenterHandler(BaseHandler):
             )
         # Per-class confidence for telemetry at the model's resolution: the same statistic
         # for every output format, without upsampling every class's logits.
-        ids, low_confidence = model_resolution_prediction(logits, image.geometry)
-        stats = (
-            class_fractions(mask, self.meta.num_classes),
-            class_confidences(
-                ids.cpu().numpy(), low_confidence.cpu().numpy(), self.meta.num_classes
-            ),
-        )
+        stats = image_statistics(mask, logits, image.geometry, self.meta.num_classes)
         return body, stats
 
     def _answer(self, image: PreparedImage, logits: torch.Tensor, batch: Batch) -> None:
@@ -383,3 +383,22 @@ class SegmenterHandler(BaseHandler):
         batch.responses[image.idx] = body
         self.context.set_response_content_type(image.idx, image.request.content_type)
         batch.telemetry.per_class(self.meta.class_names, fractions, confidences)
+        if self.sampler is not None:
+            self._offer_sample(image, fractions, confidences)
+
+    def _offer_sample(self, image: PreparedImage, fractions, confidences) -> None:
+        """The active-learning hook (handler.sampling); it never fails the answer."""
+        try:
+            self.sampler.offer(
+                image.request.image,
+                mean_confidence(fractions, confidences),
+                {
+                    "model_name": self.meta.model_name,
+                    "model_version": self.meta.model_version,
+                    "class_pixel_fraction": dict(
+                        zip(self.meta.class_names, map(float, fractions), strict=True)
+                    ),
+                },
+            )
+        except Exception:  # noqa: BLE001
+            logger.warning("low-confidence sampling failed", exc_info=True)

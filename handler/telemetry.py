@@ -19,6 +19,8 @@ import numpy as np
 from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 
+from handler.artifact import DriftReference
+
 logger = logging.getLogger(__name__)
 
 HISTOGRAMS = {
@@ -31,6 +33,11 @@ HISTOGRAMS = {
     "segserve_class_confidence": "probability",
 }
 REJECTED = "segserve_rejected_inputs_total"
+# The validation baseline of the two per-class histograms (metadata.json "drift_reference").
+REFERENCE_GAUGES = {
+    "class_pixel_fraction": "segserve_reference_class_pixel_fraction",
+    "class_confidence": "segserve_reference_class_confidence",
+}
 
 
 class Telemetry:
@@ -81,3 +88,22 @@ class Telemetry:
             self.observe("segserve_class_pixel_fraction", float(fraction), label)
             if not np.isnan(confidence):
                 self.observe("segserve_class_confidence", float(confidence), label)
+
+    def reference(self, reference: DriftReference) -> None:
+        """The validation baseline as gauges, one per class and statistic: Prometheus compares
+        the live histograms' means with them (drift rules). Re-sent now and then, since a
+        gauge lives in the frontend only once a worker has emitted it."""
+        if self._cache is None:
+            return
+        for key, name in REFERENCE_GAUGES.items():
+            for class_name, value in getattr(reference, key).items():
+                try:
+                    self._cache.add_metric(
+                        name,
+                        float(value),
+                        "fraction",
+                        dimensions=[Dimension("ClassName", class_name)],
+                        metric_type=MetricTypes.GAUGE,
+                    )
+                except Exception:  # noqa: BLE001
+                    logger.warning("could not emit metric %s", name, exc_info=True)

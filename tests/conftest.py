@@ -113,6 +113,9 @@ def build_tiny_export(
         np.asarray(Image.fromarray(rng.integers(0, 256, (6, 8, 3), np.uint8)).resize((80, 60)))
         for _ in range(2)
     ]
+    # The drift baseline on in-distribution images: synthetic scenes, as a real export measures
+    # it on the val split (tests/k8s/test_monitoring_live.py sends the same kind of scenes).
+    drift = [rgb for rgb, _ in LabelledScenes(meta.num_classes, 16, (96, 128), seed + 3).samples]
     int8 = None
     if runtimes and "onnx_int8" in runtimes:
         calibration = LabelledScenes(meta.num_classes, 4, seed=seed + 1)
@@ -123,7 +126,7 @@ def build_tiny_export(
             batch_size=4,
         )
     with contextlib.redirect_stdout(io.StringIO()):  # the per-size parity lines
-        export_model(model, meta, images, out_dir, runtimes=runtimes, int8=int8)
+        export_model(model, meta, images, out_dir, runtimes=runtimes, int8=int8, drift_images=drift)
     return out_dir
 
 

@@ -159,6 +159,9 @@ class ExportConfig:
     # fail the export when the val mIoU falls by more than int8_max_miou_drop from TorchScript's.
     int8_calibration_images: int = 32
     int8_max_miou_drop: float = 0.05
+    # The drift baseline (metadata "drift_reference"): the served model's per-class pixel
+    # fractions and confidences on this many val images, evenly spaced; 0: none.
+    drift_reference_images: int = 200
     # Extra (H, W) sizes, multiples of 32, on which parity is also checked.
     parity_sizes: list[tuple[int, int]] = field(default_factory=list)
     model_name: str = DEFAULT_MODEL_NAME
@@ -314,6 +317,11 @@ def _check(recipe: Recipe) -> Recipe:
         raise ConfigError(
             "export.int8_calibration_images: must be >= 1, got "
             f"{recipe.export.int8_calibration_images}"
+        )
+    if recipe.export.drift_reference_images < 0:
+        raise ConfigError(
+            "export.drift_reference_images: must be >= 0 (0: no drift baseline), got "
+            f"{recipe.export.drift_reference_images}"
         )
     if not 0 <= recipe.export.int8_max_miou_drop <= 1:
         raise ConfigError(

@@ -61,16 +61,19 @@ from handler.artifact import (
     ONNX_INT8,
     RUNTIME_FILES,
     TORCHSCRIPT,
+    DriftReference,
     ExportInfo,
     MetadataError,
     ModelMetadata,
     RuntimeExport,
     parse_metadata,
 )
+from handler.drift import drift_reference, image_statistics
 from handler.preprocessing import (
     SIZE_DIVISOR,
     PreprocessSpec,
     collate,
+    logits_to_prediction,
     prepare_image,
     rgb_array_to_tensor,
 )
@@ -538,6 +541,38 @@ def check_agreement(
     }
 
 
+# --- the drift baseline ------------------------------------------------------------------------
+
+
+def evenly_spaced(size: int, n: int) -> list[int]:
+    """Up to ``n`` indices spread evenly over ``range(size)``, first and last included.
+
+    >>> evenly_spaced(10, 4), evenly_spaced(3, 8), evenly_spaced(5, 0)
+    ([0, 3, 6, 9], [0, 1, 2], [])
+    """
+    n = min(n, size)
+    if n <= 0:
+        return []
+    return sorted({round(i * (size - 1) / max(n - 1, 1)) for i in range(n)})
+
+
+@torch.inference_mode()
+def measure_drift_reference(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    images: Sequence[np.ndarray],
+    metadata: ModelMetadata,
+) -> DriftReference:
+    """The served model's per-class statistics on validation images (handler.drift), each
+    image through the serving preprocessing on its own, as the handler measures live traffic."""
+    spec, stats = metadata.preprocess, []
+    for rgb in images:
+        x, geometry = prepare_image(rgb_array_to_tensor(np.ascontiguousarray(rgb)), spec)
+        logits = model(collate([x], spec))[0]
+        mask, _ = logits_to_prediction(logits, geometry, with_confidence=False)
+        stats.append(image_statistics(mask.cpu().numpy(), logits, geometry, metadata.num_classes))
+    return drift_reference(metadata.class_names, stats)
+
+
 # --- the whole export ---------------------------------------------------------------------------
 
 
@@ -552,9 +587,13 @@ def export_model(
     onnx: bool = False,
     runtimes: Sequence[str] | None = None,
     int8: Int8Calibration | None = None,
+    drift_images: Sequence[np.ndarray] = (),
 ) -> dict[str, Any]:
     """Export an eager model with its metadata (its ``export`` section is set here) into
     ``export_dir``, one model file per runtime.
+
+    ``drift_images``: validation images on which the TorchScript model's drift baseline is
+    measured (metadata ``drift_reference``); none: no baseline, no drift rules for this model.
 
     ``images`` are real RGB uint8 validation images for the parity check. ``runtimes``
     (default: torchscript, plus onnx when ``onnx``) see :func:`training.config.resolve_runtimes`;
@@ -605,6 +644,11 @@ def export_model(
             metrics=jsonable(dict(metadata.metrics)),
             recipe=jsonable(dict(metadata.recipe)),
             export=info,
+            drift_reference=(
+                measure_drift_reference(module, drift_images, metadata)
+                if drift_images
+                else metadata.drift_reference
+            ),
         )
         model_path, meta_path = write_export(module, full, export_dir, staged)
     finally:
@@ -710,11 +754,11 @@ def export_run(
         raise ExportError(str(exc)) from None
     dataset = build_dataset(recipe.data, "val", metadata.preprocess, train=False)
     images = [dataset.load_raw(i)[0] for i in range(min(2, len(dataset)))]
+    drift = evenly_spaced(len(dataset), recipe.export.drift_reference_images)
     int8 = None
     if ONNX_INT8 in chosen:
         train_set = build_dataset(recipe.data, "train", metadata.preprocess, train=False)
-        n = min(recipe.export.int8_calibration_images, len(train_set))
-        picks = sorted({round(i * (len(train_set) - 1) / max(n - 1, 1)) for i in range(n)})
+        picks = evenly_spaced(len(train_set), recipe.export.int8_calibration_images)
         int8 = Int8Calibration(
             images=[train_set.load_raw(i)[0] for i in picks],
             val_dataset=dataset,
@@ -732,4 +776,5 @@ def export_run(
         extra_sizes=recipe.export.parity_sizes,
         runtimes=chosen,
         int8=int8,
+        drift_images=[dataset.load_raw(i)[0] for i in drift],
     )

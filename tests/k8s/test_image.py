@@ -79,12 +79,23 @@ def https_files(folder: Path, cert: Path, key: Path) -> Iterator[str]:
 
 
 def _free_ports(n: int) -> list[int]:
-    from tests.conftest import free_port
+    """``n`` free ports below the kernel's ephemeral range (32768+). TorchServe binds them
+    seconds after they are chosen; a port from bind(0), like the auth proxy's, could be handed
+    out again meanwhile (seen: "Address already in use"), one from here cannot."""
+    import random
+    import socket
 
-    ports: set[int] = set()
-    while len(ports) < n:
-        ports.add(free_port())
-    return sorted(ports)
+    ports: list[int] = []
+    for port in random.sample(range(20000, 32000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == n:
+            return ports
+    raise RuntimeError(f"no {n} free ports in 20000-32000")
 
 
 def _written_since(root: Path, since: float, mounted: list[str]) -> list[str]:

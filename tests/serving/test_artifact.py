@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 
@@ -54,7 +55,13 @@ def test_load_metadata_errors_name_the_file(tmp_path):
 
 def full_metadata():
     """Every field set to something other than its default."""
-    from handler.artifact import ExportInfo, ModelMetadata, RuntimeExport, ServingOptions
+    from handler.artifact import (
+        DriftReference,
+        ExportInfo,
+        ModelMetadata,
+        RuntimeExport,
+        ServingOptions,
+    )
     from handler.preprocessing import PreprocessSpec
 
     return ModelMetadata(
@@ -91,6 +98,11 @@ def full_metadata():
                     miou_drop=0.01,
                 ),
             },
+        ),
+        drift_reference=DriftReference(
+            class_pixel_fraction={"background": 0.6, "road": 0.3, "car": 0.1},
+            class_confidence={"background": 0.95, "road": 0.9},  # car never predicted
+            images=160,
         ),
     )
 
@@ -185,3 +197,42 @@ def test_unknown_runtimes_are_skipped_and_a_missing_one_says_how_to_export_it(me
     with pytest.raises(MetadataError, match="export has no model.int8.onnx: re-export with "
                        "export.runtimes including onnx_int8"):  # fmt: skip
         runtime_export(meta, "onnx_int8")
+
+
+@pytest.mark.parametrize(
+    "drift, message",
+    [
+        ("x", "'drift_reference' must be an object"),
+        ({"class_pixel_fraction": {"a": 0.5}, "class_confidence": {}, "images": 3}, "every class"),
+        ({"class_pixel_fraction": {"a": 1, "b": 2}, "class_confidence": {}, "images": 3}, "[0, 1]"),
+        ({"class_pixel_fraction": {"a": 1, "zz": 0}, "class_confidence": {}, "images": 3}, "map"),
+        ({"class_pixel_fraction": {"a": 1, "b": 0}, "class_confidence": {}, "images": 0}, "images"),
+    ],
+)
+def test_a_bad_drift_reference_names_the_field(meta_dict, drift, message):
+    data = {**meta_dict, "num_classes": 2, "class_names": ["a", "b"]}
+    data["palette"] = [[0, 0, 0], [1, 1, 1]]
+    with pytest.raises(MetadataError, match=re.escape(message)):
+        parse_metadata({**data, "drift_reference": drift})
+
+
+def test_the_drift_reference_is_what_the_served_masks_show(tiny_export):
+    """The baseline (measured at export, handler.drift) equals the mean class shares of the
+    offline Predictor's masks on the same images: the statistic live traffic is held to."""
+    import numpy as np
+
+    from handler.postprocess import class_fractions
+    from tests.conftest import LabelledScenes
+    from training.predict import Predictor
+
+    predictor = Predictor.from_export(tiny_export)
+    reference = predictor.metadata.drift_reference
+    assert reference is not None and reference.images == 16
+    scenes = LabelledScenes(predictor.metadata.num_classes, 16, (96, 128), seed=3).samples
+    masks = [predictor.predict(rgb)[0] for rgb, _ in scenes]
+    want = np.mean([class_fractions(m, predictor.metadata.num_classes) for m in masks], axis=0)
+    got = [reference.class_pixel_fraction[n] for n in predictor.metadata.class_names]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert abs(sum(got) - 1) < 1e-5
+    assert set(reference.class_confidence) <= set(predictor.metadata.class_names)
+    assert all(0 < c <= 1 for c in reference.class_confidence.values())
