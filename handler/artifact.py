@@ -167,6 +167,12 @@ class ModelMetadata:
         palette = _parse_palette([[int(c) for c in rgb] for rgb in self.palette], len(names))
         object.__setattr__(self, "class_names", tuple(names))
         object.__setattr__(self, "palette", palette)
+        drift = self.drift_reference
+        if drift is not None and set(drift.class_pixel_fraction) != set(names):
+            raise MetadataError(
+                f"metadata 'drift_reference'.class_pixel_fraction needs every class {names}, "
+                f"got {sorted(drift.class_pixel_fraction)}"
+            )
 
     @property
     def num_classes(self) -> int:

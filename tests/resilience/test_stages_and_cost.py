@@ -56,11 +56,15 @@ def stage_server(tmp_path_factory, make_export, special_server):
     # The same model under metadata that claims one class more than it outputs.
     module, meta = load_exported(good)
     per_class = dict(meta.metrics["per_class_iou"], phantom=0.0)
+    drift = meta.drift_reference  # the baseline names every class: the phantom never shows
     phantom = dataclasses.replace(
         meta,
         class_names=(*meta.class_names, "phantom"),
         palette=(*meta.palette, (255, 0, 255)),
         metrics=dict(meta.metrics, per_class_iou=per_class),
+        drift_reference=dataclasses.replace(
+            drift, class_pixel_fraction={**drift.class_pixel_fraction, "phantom": 0.0}
+        ),
     )
     write_export(module, phantom, bad)
     store = root / "store"

@@ -155,6 +155,11 @@ def test_metadata_built_in_code_is_checked_like_parsed_metadata():
         ModelMetadata("m", "1", ("a", "b"), ((0, 0, 0),), spec)
     with pytest.raises(MetadataError, match="duplicates"):
         ModelMetadata("m", "1", ("a", "a"), ((0, 0, 0), (1, 1, 1)), spec)
+    from handler.artifact import DriftReference
+
+    stale = DriftReference({"a": 1.0}, {}, images=4)  # a baseline of another class list
+    with pytest.raises(MetadataError, match="drift_reference"):
+        ModelMetadata("m", "1", ("a", "b"), ((0, 0, 0), (1, 1, 1)), spec, drift_reference=stale)
 
 
 def test_an_export_from_before_the_runtimes_section_still_reads(meta_dict):
