@@ -60,12 +60,17 @@ class Prometheus:
         """Every pending or firing alert (``labels``, ``state``, ``activeAt``)."""
         return self._get("/api/v1/alerts")["alerts"]
 
-    def firing(self, alertname: str) -> list[dict[str, Any]]:
+    def active(self, alertname: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        """The pending or firing instances of ``alertname`` (in ``namespace``, if given)."""
         return [
             a
             for a in self.alerts()
-            if a["labels"].get("alertname") == alertname and a["state"] == "firing"
+            if a["labels"].get("alertname") == alertname
+            and (namespace is None or a["labels"].get("namespace") == namespace)
         ]
+
+    def firing(self, alertname: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        return [a for a in self.active(alertname, namespace) if a["state"] == "firing"]
 
     def wait_until(
         self, what: str, check: Callable[[], Any], timeout_s: float, every_s: float = 2.0

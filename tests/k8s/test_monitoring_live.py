@@ -150,12 +150,9 @@ def test_hpa_signal_rises_with_load_and_slow_requests_fire_the_latency_alert(mon
         signal_low = prom.value(_adapter_query("segserve-0"))
         # One client is well inside the SLO. (At 8 users one worker on 2 cores is overloaded
         # and its mean latency may pass 300 ms too: the alert is right to fire then.)
-        assert not [
-            a
-            for a in prom.alerts()
-            if a["labels"].get("alertname") == "SegserveRequestLatencyHigh"
-            and a["labels"]["namespace"] == "segserve"
-        ], "the latency alert is pending or firing on the healthy server at one client"
+        assert not prom.active("SegserveRequestLatencyHigh", "segserve"), (
+            "the latency alert is pending or firing on the healthy server at one client"
+        )
         info = servers["segserve"]
         out = monitored["work"] / "locust"
         locust = subprocess.run(
@@ -182,21 +179,13 @@ def test_hpa_signal_rises_with_load_and_slow_requests_fire_the_latency_alert(mon
         assert all(report["summaries"][p]["requests"] > 0 for p in ("rest", "grpc"))
         fired, waited = prom.wait_until(
             "SegserveRequestLatencyHigh for segserve-slow",
-            lambda: [
-                a
-                for a in prom.firing("SegserveRequestLatencyHigh")
-                if a["labels"]["namespace"] == "segserve-slow"
-            ],
+            lambda: prom.firing("SegserveRequestLatencyHigh", "segserve-slow"),
             timeout_s=120,
         )
         monitored["events"]["SegserveRequestLatencyHigh"] = fired[0]["activeAt"]
         fired, waited = prom.wait_until(
             "SegserveInputDrift for segserve-slow",
-            lambda: [
-                a
-                for a in prom.firing("SegserveInputDrift")
-                if a["labels"]["namespace"] == "segserve-slow"
-            ],
+            lambda: prom.firing("SegserveInputDrift", "segserve-slow"),
             timeout_s=120,
         )
         monitored["events"]["SegserveInputDrift"] = fired[0]["activeAt"]
@@ -206,12 +195,9 @@ def test_hpa_signal_rises_with_load_and_slow_requests_fire_the_latency_alert(mon
         }
         monitored["events"]["class_fraction_tvd"] = tvd
         print(f"\n[monitoring] class-mix TVD vs validation: {tvd}")
-        assert not [
-            a
-            for a in prom.alerts()
-            if a["labels"].get("alertname") == "SegserveInputDrift"
-            and a["labels"]["namespace"] == "segserve"
-        ], "the drift alert is pending or firing on in-distribution traffic"
+        assert not prom.active("SegserveInputDrift", "segserve"), (
+            "the drift alert is pending or firing on in-distribution traffic"
+        )
         assert tvd["segserve"] < 0.2 < tvd["segserve-slow"], tvd
     finally:
         slow.stop()
@@ -307,14 +293,12 @@ def test_faults_fire_their_alerts(monitored):
     gone = time.time()
     fired, waited = prom.wait_until(
         "SegserveDown",
-        lambda: [a for a in prom.firing("SegserveDown") if a["labels"]["namespace"] == "segserve"],
+        lambda: prom.firing("SegserveDown", "segserve"),
         timeout_s=90,
     )
     events["SegserveDown"] = fired[0]["activeAt"]
     print(f"\n[monitoring] SegserveDown firing {time.time() - gone:.0f} s after the stop")
-    assert not [
-        a for a in prom.firing("SegserveDown") if a["labels"]["namespace"] == "segserve-slow"
-    ]
+    assert not prom.firing("SegserveDown", "segserve-slow")
 
 
 def test_key_series_are_drawn_next_to_the_locust_report(monitored):
