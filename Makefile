@@ -27,7 +27,7 @@ PROCESSES   ?= 1
 SLO_P95_MS  ?= 300
 SLO_ERROR_RATE ?= 0.01
 
-.PHONY: help install train train-ddp evaluate export archive serve stop demo test test-fast lint bench loadtest soak chaos k8s-tools k8s-sync k8s-validate k8s-deploy image image-tools clean
+.PHONY: help install train train-ddp evaluate export archive serve stop demo ui ui-tools ui-shot test test-fast lint bench loadtest soak chaos k8s-tools k8s-sync k8s-validate k8s-deploy image image-ui image-tools clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -94,7 +94,20 @@ serve: install ## start TorchServe with config.properties and wait until the mod
 stop: install ## stop TorchServe
 	$(PY) -m serving.server stop
 
-test: install k8s-tools image-tools ## run the whole test suite (installs first when needed; builds the serving image)
+# make ui: the page against the running `make serve` (PROTOCOL=grpc for gRPC; UI_PORT)
+PROTOCOL    ?= rest
+UI_PORT     ?= 7860
+ui: install ## the web page against a running TorchServe (PROTOCOL=rest|grpc, UI_PORT); prints its URL
+	$(PY) -m ui --protocol $(PROTOCOL) --inference-url $(HOST) --grpc-target $(GRPC_HOST) \
+		--port $(UI_PORT) --samples $(SAMPLES) $(ARGS)
+
+ui-tools: install ## install Chromium + its matching chromedriver from the distro when missing (browser tests)
+	$(PY) -c 'from ui.shot import ensure_browser; ensure_browser()'
+
+ui-shot: $(MAR) $(SAMPLES) ui-tools ## screenshot of the page segmenting a sample (own TorchServe + page) into docs/ui.png
+	$(PY) -m ui.shot --config config.properties --samples $(SAMPLES) --out docs/ui.png
+
+test: install k8s-tools image-tools ui-tools ## run the whole test suite (installs first when needed; builds the serving and web page images)
 	$(PY) -m pytest
 
 test-fast: install k8s-tools ## run the tests that neither train for long nor start TorchServe
@@ -130,11 +143,14 @@ image-tools: install ## install buildah + mmdebstrap from the distro when missin
 image: install ## build the serving image k8s/Dockerfile with buildah (no Docker daemon; installs buildah + mmdebstrap)
 	$(PY) k8s/tools/image.py build $(ARGS)
 
+image-ui: install ## build the web page's image (k8s/Dockerfile --target ui, no torch) with buildah: localhost/segserve-ui:dev
+	$(PY) k8s/tools/image.py build --target ui $(ARGS)
+
 k8s-validate: k8s-tools ## render every k8s overlay, validate it strictly, promtool check + test the alerts
 	$(PY) k8s/tools/validate.py
 
 OVERLAY ?= cpu
-k8s-deploy: k8s-tools ## deploy OVERLAY=cpu|gpu to the current kube context and smoke-test it
+k8s-deploy: k8s-tools ## deploy OVERLAY=cpu|cpu-ui|gpu to the current kube context and smoke-test it
 	$(PY) k8s/tools/deploy.py --overlay $(OVERLAY) $(ARGS)
 
 clean: ## remove runs, archives and server logs (keeps .venv)

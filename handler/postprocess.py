@@ -8,10 +8,13 @@ The ``json`` answer (compact: the mask travels as a base64 PNG, not per-pixel JS
      "mean_confidence": 0.91,
      "classes": [{"id": 0, "name": "background", "color": [0, 0, 0],
                   "pixel_fraction": 0.7, "confidence": 0.95}, ...],
-     "mask_format": "png/base64", "mask": "iVBORw0KGgo..."}
+     "mask_format": "png/base64", "mask": "iVBORw0KGgo...",
+     "confidence_map_format": "png/base64/uint8", "confidence_map": "iVBORw0KGgo..."}
 
 ``pixel_fraction`` sums to 1 over classes; ``confidence`` (mean softmax probability of the
 winning class over that class's pixels) is ``null`` for a class with no pixels.
+``confidence_map`` is that probability per pixel, at the image's size, as an 8-bit greyscale
+PNG whose value ``v`` means ``v / 255`` (what a heat map needs, at a PNG's size).
 
 Example:
     >>> mask = np.array([[0, 0], [1, 1]])
@@ -36,6 +39,7 @@ from handler.errors import InputError
 from handler.imaging import (
     JPEG_MAX_DIMENSION,
     encode_color_png,
+    encode_confidence_png,
     encode_mask_png,
     encode_overlay,
 )
@@ -60,6 +64,10 @@ def class_confidences(mask: np.ndarray, confidence: np.ndarray, num_classes: int
 
 def _finite_or_none(value: float) -> float | None:
     return None if math.isnan(value) else float(value)
+
+
+# The ``json`` answer's per-pixel confidence: an 8-bit greyscale PNG, base64, value/255.
+CONFIDENCE_MAP_FORMAT = "png/base64/uint8"
 
 
 def json_body(
@@ -87,6 +95,8 @@ def json_body(
         ],
         "mask_format": "png/base64",
         "mask": base64.b64encode(png).decode("ascii"),
+        "confidence_map_format": CONFIDENCE_MAP_FORMAT,
+        "confidence_map": base64.b64encode(encode_confidence_png(confidence)).decode("ascii"),
     }
 
 

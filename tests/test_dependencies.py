@@ -37,8 +37,19 @@ STAGES = {
     "loadtest": ("loadtest",),
     "k8s": ("k8s/tools",),
     "bench": ("benchmarks",),
+    "ui": ("ui",),
     # `make test`: the suite and everything it exercises
-    "dev": ("tests", "handler", "serving", "client", "k8s", "training", "loadtest", "benchmarks"),
+    "dev": (
+        "tests",
+        "handler",
+        "serving",
+        "client",
+        "k8s",
+        "training",
+        "loadtest",
+        "benchmarks",
+        "ui",
+    ),
 }
 SKIP_DIRS = {".venv", "venv", "__pycache__", "node_modules", "runs", "tmp", "logs", "build", "dist"}
 GENERATED = ("client/_grpc",)  # protoc output (git-ignored)
@@ -307,9 +318,11 @@ def test_dev_is_every_extra_and_make_install_installs_it() -> None:
 # --- the serving image ---------------------------------------------------------------------------
 
 DOCKERFILE = REPO / "k8s" / "Dockerfile"
-# k8s/tools/requirements.py as the Dockerfile runs it: `... pyproject.toml --extra X [--only D]`
+# k8s/tools/requirements.py as the Dockerfile runs it: `... pyproject.toml --extra X [--only D |
+# --without D ...]`
 _REQUIREMENTS_RUN = re.compile(
-    r"python3? (?:\S*/)?requirements\.py pyproject\.toml --extra (\S+)(?: --only (\S+))?"
+    r"python3? (?:\S*/)?requirements\.py pyproject\.toml --extra (\S+)"
+    r"((?:\s+\\?\s*--(?:only|without) \S+)*)"
 )
 
 
@@ -322,9 +335,23 @@ def _requirements_module():
     return module
 
 
-def test_dockerfile_installs_exactly_core_plus_serve() -> None:
+def _dockerfile_runs() -> list[tuple[str, str]]:
+    """``(extra, "--only D --without E ...")`` per requirements.py run in the Dockerfile, the
+    flags sorted (their order does not matter)."""
     runs = _REQUIREMENTS_RUN.findall(DOCKERFILE.read_text(encoding="utf-8"))
-    assert sorted(runs) == [("serve", ""), ("serve", "torch")], runs
+    return sorted((extra, _flags(flags.replace("\\", " "))) for extra, flags in runs)
+
+
+def _flags(text: str) -> str:
+    words = text.split()
+    return " ".join(
+        sorted(f"{flag} {dist}" for flag, dist in zip(words[::2], words[1::2], strict=True))
+    )
+
+
+def test_dockerfile_installs_exactly_core_plus_serve() -> None:
+    runs = [run for run in _dockerfile_runs() if run[0] == "serve"]
+    assert runs == [("serve", ""), ("serve", "--only torch")], runs
     requirements = _requirements_module()
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     reqs = requirements.stage_requirements(project, "serve")
@@ -332,6 +359,30 @@ def test_dockerfile_installs_exactly_core_plus_serve() -> None:
     assert got == install_set("serve"), "the image's list differs from dependencies + serve"
     torch = requirements.select(reqs, only="torch")
     assert torch == [f"torch{install_set(None)['torch']}"], torch
+
+
+# What the web page's image (--target ui) leaves out of core + ui, and why.
+UI_IMAGE_LEAVES_OUT = {
+    "torch": "the page imports no torch (handler.imaging/errors are numpy + pillow)",
+    "selenium": "drives a browser for make ui-shot and the tests, not for the page",
+}
+# Installed to compile the gRPC stubs in the build stage, then uninstalled.
+UI_IMAGE_STUB_TOOLS = ("grpcio-tools", "torchserve")
+
+
+def test_ui_image_installs_core_plus_ui_without_torch() -> None:
+    runs = [run for run in _dockerfile_runs() if run[0] == "ui"]
+    without = _flags(
+        " ".join(f"--without {d}" for d in [*UI_IMAGE_LEAVES_OUT, *UI_IMAGE_STUB_TOOLS])
+    )
+    only = [("ui", f"--only {d}") for d in UI_IMAGE_STUB_TOOLS]
+    assert sorted(runs) == sorted([("ui", without), *only]), runs
+    requirements = _requirements_module()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    reqs = requirements.stage_requirements(project, "ui")
+    kept = {_parse(r)[0] for r in requirements.select(reqs, without=[*UI_IMAGE_LEAVES_OUT])}
+    assert kept == set(install_set("ui")) - set(UI_IMAGE_LEAVES_OUT)
+    assert "torch" in install_set(None) and "torch" not in kept
 
 
 def test_requirements_cli_prints_what_the_image_installs(tmp_path: Path) -> None:

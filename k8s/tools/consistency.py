@@ -107,6 +107,9 @@ def check_response_limit(props: dict[str, str], container: dict) -> list[str]:
 AUTH_PROXY = "auth-proxy"
 AUTH_PROXY_CONFIG = "segserve-auth-proxy"
 API_TOKENS_SECRET = "segserve-api-tokens"
+API_TOKENS_KEY = "tokens"
+# Where auth.js reads them when nginx.conf is not at hand.
+DEFAULT_TOKENS_FILE = "/etc/segserve/auth/tokens"
 # The proxy's listeners and what each forwards to, as config.properties keys of TorchServe.
 PROXIED = {
     "http": "inference_address",
@@ -171,7 +174,7 @@ def auth_proxy_container(deployment: dict) -> dict | None:
     return None
 
 
-def _config_map(objects: list[dict], prefix: str) -> dict | None:
+def config_map(objects: list[dict], prefix: str) -> dict | None:
     """The ConfigMap generated as ``prefix`` (kustomize adds a hash suffix)."""
     for obj in objects:
         name = obj["metadata"]["name"]
@@ -217,7 +220,7 @@ def check_ports(objects: list[dict], cfg: dict[str, str]) -> list[str]:
             "Always) so it outlives TorchServe's drain"
         )
     ports = {p["name"]: p["containerPort"] for p in proxy.get("ports", [])}
-    cm = _config_map(objects, AUTH_PROXY_CONFIG)
+    cm = config_map(objects, AUTH_PROXY_CONFIG)
     routes = proxy_routes(cm["data"].get("nginx.conf", "")) if cm else {}
     if cm is None:
         problems.append(f"{name}: no ConfigMap {AUTH_PROXY_CONFIG} with the proxy's nginx.conf")
@@ -239,7 +242,13 @@ def check_ports(objects: list[dict], cfg: dict[str, str]) -> list[str]:
         port_of(cfg.get("management_address", "http://127.0.0.1:8081")),
         int(cfg.get("grpc_management_port", 7071)),
     }
+    # Only the objects that pick the serving pods (another Deployment's, such as the web
+    # demo's, have their own ports).
+    labels = deployment["spec"]["template"]["metadata"].get("labels", {})
     for svc in (o for o in objects if o["kind"] == "Service"):
+        selector = _pod_selector(svc)
+        if selector is None or not selector_matches(selector, labels):
+            continue
         for p in svc["spec"]["ports"]:
             target = p.get("targetPort", p["port"])
             target = ports.get(target, target)
@@ -251,6 +260,8 @@ def check_ports(objects: list[dict], cfg: dict[str, str]) -> list[str]:
                     f"the {AUTH_PROXY} container does not serve"
                 )
     for netpol in (o for o in objects if o["kind"] == "NetworkPolicy"):
+        if not selector_matches(netpol["spec"].get("podSelector"), labels):
+            continue
         for rule in netpol["spec"].get("ingress", []):
             for p in rule.get("ports", []):
                 if ports.get(p["port"], p["port"]) not in ports.values():
@@ -261,32 +272,93 @@ def check_ports(objects: list[dict], cfg: dict[str, str]) -> list[str]:
     return problems
 
 
-def check_api_tokens(deployment: dict) -> list[str]:
-    """The proxy mounts the Secret segserve-api-tokens (read-only, not optional) where
-    auth.js reads it."""
+_NGINX_TOKEN_FILES = re.compile(
+    r"""(?:^|[;{}])\s*js_var\s+\$segserve_tokens_files\s+(?:"([^"]*)"|'([^']*)'|([^;\s]+))\s*;""",
+    re.M,
+)
+
+
+def nginx_token_files(conf: str) -> list[str]:
+    """The token files auth.js reads, in order (nginx.conf's ``$segserve_tokens_files``).
+
+    >>> nginx_token_files('js_var $segserve_tokens_files "/a/tokens /a/ui-token";')
+    ['/a/tokens', '/a/ui-token']
+    """
+    match = _NGINX_TOKEN_FILES.search(re.sub(r"#[^\n]*", "", conf))
+    return next((g for g in match.groups() if g is not None), "").split() if match else []
+
+
+def secret_items(volume: dict) -> list[tuple[str, str | None, str | None, bool]]:
+    """``(Secret, key, file in the volume, optional)`` of a ``secret`` or ``projected`` volume;
+    key and file None: every key of that Secret, each a file of its own name.
+
+    >>> secret_items({"projected": {"sources": [{"secret": {"name": "s", "optional": True,
+    ...     "items": [{"key": "token", "path": "ui-token"}]}}]}})
+    [('s', 'token', 'ui-token', True)]
+    """
+    sources = []
+    if "secret" in volume:
+        s = volume["secret"]
+        sources.append((s.get("secretName"), s.get("items"), bool(s.get("optional"))))
+    for source in (volume.get("projected") or {}).get("sources") or []:
+        if "secret" in source:
+            s = source["secret"]
+            sources.append((s.get("name"), s.get("items"), bool(s.get("optional"))))
+    found: list[tuple[str, str | None, str | None, bool]] = []
+    for name, items, optional in sources:
+        if items:
+            found += [(name, i["key"], i["path"], optional) for i in items]
+        else:
+            found.append((name, None, None, optional))
+    return found
+
+
+def secret_key_at(pod: dict, container: dict, path: str) -> tuple[str, str, bool, dict] | None:
+    """``(Secret, key, optional, the volumeMount)`` of the file ``path`` in ``container``, when
+    a Secret or projected volume puts a Secret's key there; else None."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        root = mount["mountPath"].rstrip("/")
+        if mount.get("subPath"):
+            rel = mount["subPath"] if path == root else None
+        else:
+            rel = path[len(root) + 1 :] if path.startswith(root + "/") else None
+        for secret, key, file, optional in secret_items(volumes.get(mount["name"], {})):
+            if rel is not None and (rel == file or (file is None and "/" not in rel)):
+                return secret, key or rel, optional, mount
+    return None
+
+
+def check_api_tokens(deployment: dict, nginx_conf: str | None = None) -> list[str]:
+    """The proxy reads key ``tokens`` of the Secret segserve-api-tokens from one of the files
+    nginx.conf lists (``$segserve_tokens_files``; without the config: /etc/segserve/auth/tokens),
+    mounted read-only, not optional, without subPath (a Secret or a projected volume)."""
     name = object_name(deployment)
     proxy = auth_proxy_container(deployment)
     if proxy is None:
         return []  # check_ports names the missing proxy
-    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"].get("volumes", [])}
-    for mount in proxy.get("volumeMounts", []):
-        secret = volumes.get(mount["name"], {}).get("secret")
-        if secret and secret.get("secretName") == API_TOKENS_SECRET:
-            problems = []
-            if mount["mountPath"] != "/etc/segserve/auth" or not mount.get("readOnly"):
-                problems.append(
-                    f"{name}: {AUTH_PROXY} must mount {API_TOKENS_SECRET} read-only at "
-                    f"/etc/segserve/auth (nginx.conf's $segserve_tokens_file), got {mount}"
-                )
-            if secret.get("optional"):
-                problems.append(
-                    f"{name}: volume {mount['name']}: {API_TOKENS_SECRET} must not be optional "
-                    "(the pod would start and refuse every request)"
-                )
-            if mount.get("subPath"):
-                problems.append(f"{name}: a subPath mount of {API_TOKENS_SECRET} never rotates")
-            return problems
-    return [f"{name}: {AUTH_PROXY} mounts no Secret {API_TOKENS_SECRET} (its tokens)"]
+    files = nginx_token_files(nginx_conf) if nginx_conf is not None else [DEFAULT_TOKENS_FILE]
+    pod = deployment["spec"]["template"]["spec"]
+    for path in files:
+        found = secret_key_at(pod, proxy, path)
+        if found is None or found[:2] != (API_TOKENS_SECRET, API_TOKENS_KEY):
+            continue
+        _, _, optional, mount = found
+        problems = []
+        if not mount.get("readOnly"):
+            problems.append(f"{name}: {AUTH_PROXY} must mount {API_TOKENS_SECRET} read-only")
+        if optional:
+            problems.append(
+                f"{name}: volume {mount['name']}: {API_TOKENS_SECRET} must not be optional "
+                "(the pod would start and refuse every request)"
+            )
+        if mount.get("subPath"):
+            problems.append(f"{name}: a subPath mount of {API_TOKENS_SECRET} never rotates")
+        return problems
+    return [
+        f"{name}: {AUTH_PROXY} mounts no Secret {API_TOKENS_SECRET} (its tokens, key "
+        f"{API_TOKENS_KEY}) at any of nginx.conf's token files {files}"
+    ]
 
 
 def check_probes_and_auth(deployment: dict, cfg: dict[str, str]) -> list[str]:
@@ -526,6 +598,95 @@ def check_model_source(objects: list[dict]) -> list[str]:
     return problems
 
 
+def selector_matches(selector: dict | None, labels: dict[str, str]) -> bool:
+    """Whether a label selector (``matchLabels`` and ``matchExpressions``) selects ``labels``;
+    an empty one selects everything.
+
+    >>> selector_matches({"matchExpressions": [{"key": "k8s-app", "operator": "In",
+    ...     "values": ["kube-dns"]}]}, {"k8s-app": "kube-dns"})
+    True
+    >>> selector_matches({"matchLabels": {"app": "a"}}, {"app": "b"})
+    False
+    """
+    selector = selector or {}
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, values = expr["key"], expr.get("values") or []
+        holds = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[expr["operator"]]
+        if not holds:
+            return False
+    return True
+
+
+def _pod_selector(obj: dict) -> dict | None:
+    """The label selector with which ``obj`` picks pods (None: it picks none this way)."""
+    spec = obj.get("spec") or {}
+    if obj["kind"] == "Service":
+        return {"matchLabels": spec["selector"]} if spec.get("selector") else None
+    if obj["kind"] in ("Deployment", "PodDisruptionBudget"):
+        return spec.get("selector")
+    if obj["kind"] == "NetworkPolicy":
+        return spec.get("podSelector")
+    return None
+
+
+def check_selectors(objects: list[dict]) -> list[str]:
+    """With more than one Deployment (the web demo beside TorchServe), each Service and
+    PodDisruptionBudget selects the pods of exactly one Deployment, each Deployment only its
+    own, each NetworkPolicy with rules at most one's, and each HPA scales a Deployment that
+    exists. Else a Service would send inference to the page, the serving budget would count
+    the page's pod, or the serving policy's rules would open the page's pod."""
+    deployments = [o for o in objects if o["kind"] == "Deployment"]
+    if not deployments:
+        return []
+    problems = []
+    for obj in objects:
+        selector = _pod_selector(obj)
+        if selector is None:
+            continue
+        ns = obj["metadata"].get("namespace")
+        selected = [
+            d["metadata"]["name"]
+            for d in deployments
+            if d["metadata"].get("namespace") == ns
+            and selector_matches(selector, d["spec"]["template"]["metadata"].get("labels", {}))
+        ]
+        name, kind = object_name(obj), obj["kind"]
+        if kind == "Deployment":
+            own = obj["metadata"]["name"]
+            if own not in selected:
+                problems.append(f"{name}: its selector {selector} does not select its own pods")
+            if set(selected) - {own}:
+                problems.append(
+                    f"{name}: its selector {selector} also selects the pods of Deployment "
+                    f"{sorted(set(selected) - {own})}: the two would fight over them"
+                )
+        elif kind in ("Service", "PodDisruptionBudget") and len(selected) != 1:
+            problems.append(
+                f"{name}: its selector {selector} selects the pods of "
+                f"{selected or 'no Deployment'}; it must select one Deployment's "
+                "(give each its own app.kubernetes.io/component label)"
+            )
+        elif kind == "NetworkPolicy" and len(selected) > 1:
+            if obj["spec"].get("ingress") or obj["spec"].get("egress"):
+                problems.append(
+                    f"{name}: its podSelector {selector} selects the pods of {selected}: its "
+                    "rules would open all of them alike; give each Deployment its own policy"
+                )
+    names = {d["metadata"]["name"] for d in deployments}
+    for hpa in (o for o in objects if o["kind"] == "HorizontalPodAutoscaler"):
+        ref = hpa["spec"]["scaleTargetRef"]
+        if ref.get("kind") == "Deployment" and ref.get("name") not in names:
+            problems.append(f"{object_name(hpa)}: scales Deployment {ref.get('name')}, not here")
+    return problems
+
+
 def _selects(policy: dict, labels: dict[str, str]) -> bool:
     """Whether ``policy`` may select pods with ``labels`` (matchExpressions count as yes, so their
     rules are checked rather than ignored)."""
@@ -536,7 +697,7 @@ def _selects(policy: dict, labels: dict[str, str]) -> bool:
     )
 
 
-def _policy_types(policy: dict) -> list[str]:
+def policy_types(policy: dict) -> list[str]:
     spec = policy["spec"]
     return spec.get("policyTypes") or ["Ingress"] + (["Egress"] if "egress" in spec else [])
 
@@ -552,7 +713,7 @@ def check_egress(objects: list[dict], pod_labels: dict[str, str], pods: str) -> 
     limiting = [
         o
         for o in objects
-        if o["kind"] == "NetworkPolicy" and _selects(o, pod_labels) and "Egress" in _policy_types(o)
+        if o["kind"] == "NetworkPolicy" and _selects(o, pod_labels) and "Egress" in policy_types(o)
     ]
     if not limiting:
         return [

@@ -60,7 +60,7 @@ class Target:
 
 
 def resolve_overlay(name_or_path: str) -> Path:
-    """``cpu``/``gpu``/``kserve`` or a path to a kustomization folder.
+    """``cpu``/``cpu-ui``/``gpu``/``kserve`` or a path to a kustomization folder.
 
     >>> resolve_overlay("cpu").name
     'cpu'
@@ -294,7 +294,7 @@ def smoke_test(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--overlay", default="cpu", help="cpu, gpu, kserve or a folder")
+    parser.add_argument("--overlay", default="cpu", help="cpu, cpu-ui, gpu, kserve or a folder")
     parser.add_argument("--image-ref", help="serving image, e.g. registry/segserve:0.1.0")
     parser.add_argument(
         "--token",

@@ -1,6 +1,7 @@
 """Build the serving image (k8s/Dockerfile) without a Docker daemon: buildah + mmdebstrap.
 
-``python k8s/tools/image.py build`` (``make image``):
+``python k8s/tools/image.py build`` (``make image``; ``--target ui``: the web demo page's image,
+``localhost/segserve-ui:dev``, ``make image-ui``):
 
 1. installs ``buildah`` and ``mmdebstrap`` from the distro's packages when missing (root only);
 2. makes the Dockerfile's base, ``debian:bookworm-slim``, locally when the store lacks it: a
@@ -9,7 +10,9 @@
    builds without a registry;
 3. builds with vfs storage and chroot isolation (no overlay mounts, no user namespaces: works
    inside an unprivileged container) into a store under the git-ignored ``.cache/containers``,
-   labelled with the digest of the build context, so an unchanged context is not rebuilt.
+   labelled with the digest of what the target uses (the Dockerfile's stages it builds on and
+   the context files they copy), so an unchanged target is not rebuilt, and a change to one
+   target (the page's code) does not rebuild another (the serving image).
 
 It prints the build time and the image size. ``python k8s/tools/image.py push DEST`` pushes the
 built image (e.g. ``docker://registry.example.com/segserve:0.1.0``) with ``buildah push``.
@@ -17,6 +20,8 @@ built image (e.g. ``docker://registry.example.com/segserve:0.1.0``) with ``build
 Example:
     >>> storage_options(Path("/s"))[:2]
     ['--storage-driver', 'vfs']
+    >>> [s.name for s in stage_chain("ui")]
+    ['ui-build', 'ui']
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,6 +44,8 @@ DOCKERFILE = REPO / "k8s" / "Dockerfile"
 IGNOREFILE = REPO / "k8s" / "Dockerfile.dockerignore"
 STORE = REPO / ".cache" / "containers"
 DEFAULT_TAG = "localhost/segserve:dev"
+# The Dockerfile's targets and the image each is tagged as by default.
+TARGETS = {"serve": DEFAULT_TAG, "baked": DEFAULT_TAG, "ui": "localhost/segserve-ui:dev"}
 BASE_SUITE = "bookworm"
 CONTEXT_LABEL = "io.segserve.context-sha256"
 PACKAGES = {"buildah": "buildah", "mmdebstrap": "mmdebstrap"}
@@ -208,14 +215,68 @@ def context_files(repo: Path = REPO, ignorefile: Path = IGNOREFILE) -> list[Path
     return sorted(files)
 
 
+@dataclass
+class Stage:
+    """One ``FROM ... AS name`` of the Dockerfile: its instructions, the context paths its
+    COPY/ADD take, and the stages it builds on (its FROM, its ``COPY --from``)."""
+
+    name: str
+    lines: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    needs: list[str] = field(default_factory=list)
+
+
+def parse_stages(text: str) -> tuple[list[str], dict[str, Stage]]:
+    """(the lines before the first FROM, the stages by name) of a Dockerfile's text."""
+    preamble: list[str] = []
+    stages: dict[str, Stage] = {}
+    current: Stage | None = None
+    for line in text.replace("\\\n", " ").splitlines():
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        op, args = words[0].upper(), [w for w in words[1:] if not w.startswith("--")]
+        if op == "FROM":
+            named = len(args) >= 3 and args[1].lower() == "as"
+            current = Stage(args[2] if named else str(len(stages)), needs=[args[0]])
+            stages[current.name] = current
+        elif current is not None and op in ("COPY", "ADD"):
+            source = [w.split("=", 1)[1] for w in words[1:] if w.startswith("--from=")]
+            if source:
+                current.needs += source
+            else:
+                current.sources += args[:-1]
+        (current.lines if current is not None else preamble).append(line)
+    return preamble, stages
+
+
+def stage_chain(target: str, dockerfile: Path = DOCKERFILE) -> list[Stage]:
+    """The stages ``target`` is built from, itself last, in the Dockerfile's order."""
+    _, stages = parse_stages(dockerfile.read_text(encoding="utf-8"))
+    if target not in stages:
+        raise ImageError(f"{dockerfile}: no stage {target!r}; it has {list(stages)}")
+    wanted, todo = set(), [target]
+    while todo:
+        name = todo.pop()
+        if name in stages and name not in wanted:
+            wanted.add(name)
+            todo += stages[name].needs
+    return [stage for name, stage in stages.items() if name in wanted]
+
+
 def context_digest(repo: Path = REPO, target: str = "serve") -> str:
-    """sha256 over the Dockerfile, the target and every context file's path and bytes."""
+    """sha256 over the target, the Dockerfile's stages it is built from (and its global ARGs),
+    and the path and bytes of every context file those stages copy."""
+    chain = stage_chain(target)
+    preamble, _ = parse_stages(DOCKERFILE.read_text(encoding="utf-8"))
     digest = hashlib.sha256(target.encode())
-    files = context_files(repo)
-    if target != "baked":  # only the baked stage copies the archive
-        files = [f for f in files if f.parent.name != "model_archives"]
-    for path in [DOCKERFILE, *files]:
-        digest.update(path.relative_to(repo).as_posix().encode() + b"\0" + path.read_bytes())
+    for line in preamble + [line for stage in chain for line in stage.lines]:
+        digest.update(line.encode() + b"\n")
+    sources = [s.rstrip("/") for stage in chain for s in stage.sources]
+    for path in context_files(repo):
+        rel = path.relative_to(repo).as_posix()
+        if any(rel == s or rel.startswith(s + "/") for s in sources):
+            digest.update(rel.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
@@ -239,9 +300,11 @@ def pip_ca_bundle() -> Path | None:
 
 
 def build(
-    tag: str = DEFAULT_TAG, target: str = "serve", store: Path = STORE, rebuild: bool = False
+    tag: str | None = None, target: str = "serve", store: Path = STORE, rebuild: bool = False
 ) -> Built:
-    """The image ``tag`` of ``target``, built unless one from the same context exists."""
+    """The image ``tag`` (default: the target's, TARGETS) of ``target``, built unless one from
+    the same context exists."""
+    tag = tag or TARGETS[target]
     ensure_tools()
     digest = context_digest(REPO, target)
     if not rebuild and image_exists(tag, store):
@@ -276,22 +339,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     build_cmd = sub.add_parser("build", help="build (or reuse) the image")
-    build_cmd.add_argument("--tag", default=DEFAULT_TAG)
-    build_cmd.add_argument("--target", default="serve", choices=("serve", "baked"))
+    build_cmd.add_argument("--tag", help="default: per target, " + str(TARGETS))
+    build_cmd.add_argument("--target", default="serve", choices=sorted(TARGETS))
     build_cmd.add_argument(
         "--rebuild", action="store_true", help="even if the context is unchanged"
     )
     sub.add_parser("tools", help="install buildah + mmdebstrap when missing (root)")
     push_cmd = sub.add_parser("push", help="push the built image, e.g. docker://host/segserve:tag")
     push_cmd.add_argument("dest")
-    push_cmd.add_argument("--tag", default=DEFAULT_TAG)
+    push_cmd.add_argument("--tag", help="the built image (default: the target's)")
+    push_cmd.add_argument("--target", default="serve", choices=sorted(TARGETS))
     args = parser.parse_args(argv)
     try:
         if args.command == "tools":
             ensure_tools()
             return 0
         if args.command == "push":
-            buildah("push", args.tag, args.dest, capture=False)
+            buildah("push", args.tag or TARGETS[args.target], args.dest, capture=False)
             return 0
         image = build(args.tag, args.target, rebuild=args.rebuild)
     except ImageError as exc:

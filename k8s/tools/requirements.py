@@ -3,8 +3,9 @@
 The images install with it: ``python3 requirements.py pyproject.toml --extra serve`` prints the
 core ``dependencies`` plus the ``serve`` extra, self-references such as ``segserve[serve]``
 expanded, one per line. ``--only torch`` prints only the torch pin (an image may take torch
-from another index first), ``--without torch`` everything else. Standard library only: it runs
-in a bare ``python3`` before anything is installed.
+from another index first), ``--without torch`` everything else; both repeat (the web demo's
+image: ``--extra ui --without torch --without selenium``). Standard library only: it runs in a
+bare ``python3`` before anything is installed.
 
 Example:
     >>> project = {"dependencies": ["torch==2.15.0", "numpy>=1.26"],
@@ -14,6 +15,8 @@ Example:
     ['torch==2.15.0', 'numpy>=1.26', 'grpcio==1.85.1', 'locust==2.47.0']
     >>> select(stage_requirements(project, "serve"), only="torch")
     ['torch==2.15.0']
+    >>> select(stage_requirements(project, "loadtest"), without=["torch", "Locust"])
+    ['numpy>=1.26', 'grpcio==1.85.1']
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,21 +66,38 @@ def distribution(req: str) -> str:
     return re.sub(r"[-_.]+", "-", match.group()).lower()
 
 
-def select(reqs: list[str], only: str | None = None, without: str | None = None) -> list[str]:
-    """The requirements naming ``only`` (or all but ``without``)."""
-    if only is not None:
-        reqs = [r for r in reqs if distribution(r) == distribution(only)]
-    if without is not None:
-        reqs = [r for r in reqs if distribution(r) != distribution(without)]
-    return reqs
+def _names(dists: str | Sequence[str] | None) -> set[str] | None:
+    if dists is None:
+        return None
+    return {distribution(d) for d in ([dists] if isinstance(dists, str) else dists)}
+
+
+def select(
+    reqs: list[str],
+    only: str | Sequence[str] | None = None,
+    without: str | Sequence[str] | None = None,
+) -> list[str]:
+    """The requirements naming ``only`` (one distribution or several), or all but ``without``
+    (idem); both: those of ``only`` not in ``without``."""
+    keep, drop = _names(only), _names(without) or set()
+    return [
+        r for r in reqs if (keep is None or distribution(r) in keep) and distribution(r) not in drop
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("pyproject", type=Path)
     parser.add_argument("--extra", help="the stage's extra (default: the core alone)")
-    parser.add_argument("--only", metavar="DIST", help="print only this distribution's pin")
-    parser.add_argument("--without", metavar="DIST", help="print all but this distribution")
+    parser.add_argument(
+        "--only",
+        metavar="DIST",
+        action="append",
+        help="print only this distribution's pin (repeat)",
+    )
+    parser.add_argument(
+        "--without", metavar="DIST", action="append", help="leave this distribution out (repeat)"
+    )
     args = parser.parse_args(argv)
     project = tomllib.loads(args.pyproject.read_text(encoding="utf-8"))["project"]
     try:

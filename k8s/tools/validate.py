@@ -12,6 +12,10 @@
 5. ``k8s/loadtest`` (the in-cluster Locust master + workers) is rendered and validated the same
    way, held to the security baseline and to ``loadgen.py`` (master/worker counts agree, the
    workers reach the master, the master's options are loadtest.run's).
+6. An overlay with the web demo page (``k8s/components/ui``) is held to ``webui.py``: the page
+   calls the segserve Service's REST (or gRPC) port, probes /healthz on its own port, reads the
+   token Secret mounted where ``--token-file`` points, which the auth proxy reads too, and the
+   NetworkPolicies let it through; every selector picks one Deployment's pods.
 
 Exit status 1 with one line per problem, each naming the object (or file) and the field.
 
@@ -42,6 +46,7 @@ from k8s.tools.render import RenderError, find, object_name, overlays, render_ov
 from k8s.tools.schemas import DEFAULT_K8S_VERSION, validate_object  # noqa: E402
 from k8s.tools.sync import drift  # noqa: E402
 from k8s.tools.toolchain import REPO  # noqa: E402
+from k8s.tools.webui import UI_DEPLOYMENT, check_ui  # noqa: E402
 from serving.properties import read_properties  # noqa: E402
 
 MONITORING = Path("k8s/components/monitoring")
@@ -76,11 +81,19 @@ def check_overlay_objects(
         problems += cc.check_response_limit(props, container)
         problems += cc.check_ports(objects, cfg)
         problems += cc.check_probes_and_auth(deployment, cfg)
-        problems += cc.check_api_tokens(deployment)
+        proxy_config = cc.config_map(objects, cc.AUTH_PROXY_CONFIG)
+        nginx_conf = (proxy_config or {}).get("data", {}).get("nginx.conf")
+        problems += cc.check_api_tokens(deployment, nginx_conf)
         problems += cc.check_termination(deployment, cfg, cc.DEFAULT_RESPONSE_TIMEOUT_S)
         problems += cc.check_file_layout(deployment, props)
         problems += cc.check_security(deployment)
         problems += cc.check_hpa_adapter(objects, adapter)
+        problems += cc.check_selectors(objects)
+    for ui in (
+        o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == UI_DEPLOYMENT
+    ):
+        problems += cc.check_security(ui)
+        problems += check_ui(objects, props)
     rules = [o for o in objects if o["kind"] == "PrometheusRule"]
     if rules:
         metrics_yaml = repo / props.get("metrics_config", "handler/metrics.yaml")

@@ -2,11 +2,12 @@
 
 :func:`running_auth_proxy` changes nothing but the pod-specific values of the shipped
 ``nginx.conf``: the three listen ports, the three upstream addresses, the njs module, auth.js
-and token file paths, and the ``/tmp`` paths. Every rewrite must match exactly once and no other
-absolute path may be left, so a change to the shipped file either runs here as it is or fails
-loudly (:class:`ProxyConfigError`). nginx is started in the foreground as the container starts
-it (``-c FILE -g 'daemon off;'``), waited for until all three listeners accept, and stopped
-with SIGQUIT (the official image's stop signal: in-flight requests finish).
+and token file paths (one file, or the list auth.js reads in turn), and the ``/tmp`` paths.
+Every rewrite must match exactly once and no other absolute path may be left, so a change to
+the shipped file either runs here as it is or fails loudly (:class:`ProxyConfigError`).
+nginx is started in the foreground as the container starts it (``-c FILE -g 'daemon off;'``),
+waited for until all three listeners accept, and stopped with SIGQUIT (the official image's
+stop signal: in-flight requests finish).
 
 :func:`write_secret_volume` lays out a Secret volume as kubelet does (a timestamped folder, a
 ``..data`` symlink swapped atomically, one symlink per key), so a test rotates tokens the way a
@@ -34,7 +35,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,8 @@ REPO = Path(__file__).resolve().parents[2]
 SHIPPED_DIR = REPO / "k8s/base/auth-proxy"
 # The Secret segserve-api-tokens mounts this key as a file of that name.
 TOKENS_KEY = "tokens"
+# The web demo's token, projected into the same volume by k8s/components/ui (the second file).
+UI_TOKEN_KEY = "ui-token"
 UPSTREAM_KEYS = ("rest", "grpc", "metrics")
 # (what the shipped nginx.conf says, the pod's value it holds): rewritten for a test run.
 _LISTEN = {
@@ -58,7 +61,7 @@ _UPSTREAM = {
 }
 _MODULE = "load_module /usr/lib/nginx/modules/ngx_http_js_module.so;"
 _JS = "js_import auth from /etc/nginx/segserve/auth.js;"
-_TOKENS = "js_var $segserve_tokens_file /etc/segserve/auth/tokens;"
+_TOKENS = 'js_var $segserve_tokens_files "/etc/segserve/auth/tokens /etc/segserve/auth/ui-token";'
 _TMP_DIRECTIVES = (
     "pid",
     "client_body_temp_path",
@@ -108,29 +111,32 @@ def render_config(
     text: str,
     ports: dict[str, int],
     upstream: dict[str, str],
-    tokens_file: Path,
+    tokens_file: Path | Sequence[Path],
     workdir: Path,
     module: Path,
     auth_js: Path,
 ) -> str:
     """The shipped config ``text`` with ports, upstreams and paths replaced (ProxyConfigError
-    if a rewrite does not match exactly once or an absolute path is left over)."""
+    if a rewrite does not match exactly once or an absolute path is left over); ``tokens_file``:
+    the token files in the order auth.js reads them (one path: that file alone)."""
+    single = isinstance(tokens_file, (str, os.PathLike))
+    files = [str(f) for f in ([tokens_file] if single else tokens_file)]
     for key in UPSTREAM_KEYS:
         old, new = _LISTEN[key]
         text = _replace_once(text, old, new.format(port=ports[key]))
         text = _replace_once(text, _UPSTREAM[key], f"server {upstream[key]};")
     text = _replace_once(text, _MODULE, f"load_module {module};")
     text = _replace_once(text, _JS, f"js_import auth from {auth_js};")
-    text = _replace_once(text, _TOKENS, f"js_var $segserve_tokens_file {tokens_file};")
+    text = _replace_once(text, _TOKENS, f'js_var $segserve_tokens_files "{" ".join(files)}";')
     for directive in _TMP_DIRECTIVES:
         pattern = re.compile(rf"^(\s*{directive}) /tmp/([\w.-]+);$", re.MULTILINE)
         text, count = pattern.subn(lambda m: f"{m[1]} {workdir / m[2]};", text)
         if count != 1:
             raise ProxyConfigError(f"{directive} /tmp/...; occurs {count} times, expected once")
     code = "\n".join(line.split("#")[0] for line in text.splitlines())
-    left = sorted(set(re.findall(r"(?<![\w.])/(?:tmp|etc|var|usr|run)/[^\s;']*", code)))
+    left = sorted(set(re.findall(r"(?<![\w.])/(?:tmp|etc|var|usr|run)/[^\s;'\"]*", code)))
     left = [p for p in left if not p.startswith((str(workdir), str(module), str(auth_js)))]
-    left = [p for p in left if p not in (str(tokens_file), "/dev/stdout")]
+    left = [p for p in left if p not in (*files, "/dev/stdout")]
     if left:
         raise ProxyConfigError(f"paths the test does not rewrite: {left}")
     return text
@@ -207,13 +213,14 @@ def _start(
 @contextlib.contextmanager
 def running_auth_proxy(
     upstream: dict[str, str],
-    tokens_file: Path,
+    tokens_file: Path | Sequence[Path],
     workdir: Path,
     config_dir: Path = SHIPPED_DIR,
     timeout_s: float = 20.0,
 ) -> Iterator[ProxyEndpoints]:
     """Run ``config_dir``'s nginx.conf and auth.js in front of ``upstream`` (``{"rest",
-    "grpc", "metrics"}`` -> ``host:port``) on free ports, reading tokens from ``tokens_file``;
+    "grpc", "metrics"}`` -> ``host:port``) on free ports, reading tokens from ``tokens_file``
+    (a path, or the list of files in the pod's order: api tokens, then the UI's);
     everything nginx writes goes to ``workdir`` (``nginx.conf`` as run, the pid file, temp
     folders, ``access.log``, ``error.log``). Stopped on exit, even on failure."""
     if sorted(upstream) != sorted(UPSTREAM_KEYS):
@@ -227,7 +234,7 @@ def running_auth_proxy(
         ports = dict(zip(UPSTREAM_KEYS, _free_ports(len(UPSTREAM_KEYS)), strict=True))
         conf.write_text(
             render_config(
-                text, ports, upstream, Path(tokens_file), workdir, module, config_dir / "auth.js"
+                text, ports, upstream, tokens_file, workdir, module, config_dir / "auth.js"
             )
         )
         proc = _start(nginx, conf, workdir, ports, timeout_s)

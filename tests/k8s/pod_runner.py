@@ -178,3 +178,20 @@ def kill_tree(pid: int) -> None:
     for victim in [*reversed(descendants(pid)), pid]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, 9)
+
+
+def written_since(root: Path, since: float, mounted: list[str]) -> list[str]:
+    """Files under the container's root changed after ``since``, outside the mounts (the pod's
+    root filesystem is read-only: anything listed would fail there)."""
+    changed = []
+    for folder, dirs, names in os.walk(root):
+        rel = "/" + os.path.relpath(folder, root).lstrip(".")
+        dirs[:] = [
+            d for d in dirs if not any(f"{rel}/{d}".replace("//", "/") == m for m in mounted)
+        ]
+        for name in names:
+            path = Path(folder, name)
+            with contextlib.suppress(FileNotFoundError):
+                if path.lstat().st_mtime > since:
+                    changed.append(str(path.relative_to(root)))
+    return changed

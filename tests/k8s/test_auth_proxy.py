@@ -30,6 +30,7 @@ from serving.properties import read_properties
 from .auth_proxy import (
     SHIPPED_DIR,
     TOKENS_KEY,
+    UI_TOKEN_KEY,
     ProxyConfigError,
     ProxyEndpoints,
     ProxyStartError,
@@ -41,6 +42,7 @@ from .conftest import REPO
 
 OLD_TOKEN = "segserve-test-old-3f9c1e7a5b"
 NEW_TOKEN = "segserve-test-new-a41c77e0b3"
+UI_TOKEN = "segserve-test-ui-5d2e90c4f1"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # The pod's TorchServe: every listener on 127.0.0.1 (ports replaced by free ones), no tokens.
 POD_LOCAL = {
@@ -223,7 +225,12 @@ def test_shipped_limits_agree_with_config_properties():
         assert _seconds(_args(block, name)[0]) >= response_timeout + 10, name
     # The pod's layout: the ConfigMap and the Secret's mounts, every written path under /tmp.
     assert _args(http, "js_import") == ["auth", "from", "/etc/nginx/segserve/auth.js"]
-    assert _args(http, "js_var") == ["$segserve_tokens_file", "/etc/segserve/auth/tokens"]
+    # The Secret segserve-api-tokens first, then the UI's token (k8s/components/ui projects it
+    # into the same mount; k8s-validate holds the Deployment's volumes to this list).
+    assert _args(http, "js_var") == [
+        "$segserve_tokens_files",
+        f"/etc/segserve/auth/{TOKENS_KEY} /etc/segserve/auth/{UI_TOKEN_KEY}",
+    ]
     written = [_args(tree, "pid")[0]] + [args[0] for d, args, _ in http if d.endswith("_temp_path")]
     assert len(written) == 6 and all(p.startswith("/tmp/") for p in written), written
     assert _args(tree, "error_log")[0] == "stderr"
@@ -310,6 +317,86 @@ def test_refusals_happen_in_the_proxy_before_any_upstream(tmp_path, secret):
         assert "segserve auth: a bearer token that is not in" in errors
         logged = proxy.access_log.read_text() + errors
         assert OLD_TOKEN not in logged and "not-a-token" not in logged
+
+
+def _let_through(proxy: ProxyEndpoints, token: str) -> tuple[int, grpc.StatusCode]:
+    """(REST status, gRPC code) of a call with ``token`` when nothing listens behind the proxy:
+    (503, UNAVAILABLE) once the token is accepted, (401, UNAUTHENTICATED) when refused."""
+    url = f"{proxy.rest_url}/predictions/segmenter"
+    status = requests.post(url, data=b"x", headers=_bearer(token), timeout=10).status_code
+    return status, _grpc_call(proxy.grpc_target, _grpc_metadata(token))[0]
+
+
+ACCEPTED = (503, grpc.StatusCode.UNAVAILABLE)
+REFUSED = (401, grpc.StatusCode.UNAUTHENTICATED)
+
+
+def test_a_token_only_in_the_second_file_is_accepted(tmp_path):
+    """The pod's projected volume (k8s/components/ui): segserve-api-tokens' `tokens` and the
+    UI's own Secret as `ui-token`, side by side in one mount, each read on every request."""
+    from serving.server import free_port
+
+    mount = tmp_path / "auth"
+    write_secret_volume(mount, {TOKENS_KEY: f"{OLD_TOKEN}\n", UI_TOKEN_KEY: f"{UI_TOKEN}\n"})
+    files = [mount / TOKENS_KEY, mount / UI_TOKEN_KEY]
+    nothing = {key: f"127.0.0.1:{free_port()}" for key in ("rest", "grpc", "metrics")}
+    with running_auth_proxy(nothing, files, tmp_path / "nginx") as proxy:
+        workers = proxy.worker_pids()
+        assert _let_through(proxy, UI_TOKEN) == ACCEPTED
+        assert _let_through(proxy, OLD_TOKEN) == ACCEPTED
+        assert _let_through(proxy, "not-a-token") == REFUSED
+        # Each line of each file is one token: two glued together match neither.
+        assert _let_through(proxy, OLD_TOKEN + UI_TOKEN) == REFUSED
+
+        # The UI's Secret rotated: the new token applies at once, the old one is refused.
+        write_secret_volume(mount, {TOKENS_KEY: f"{OLD_TOKEN}\n", UI_TOKEN_KEY: f"{NEW_TOKEN}\n"})
+        assert _let_through(proxy, NEW_TOKEN) == ACCEPTED
+        assert _let_through(proxy, UI_TOKEN) == REFUSED
+        assert _let_through(proxy, OLD_TOKEN) == ACCEPTED
+        assert proxy.worker_pids() == workers  # neither restarted nor reloaded
+        logged = proxy.access_log.read_text() + proxy.error_log.read_text()
+        assert UI_TOKEN not in logged and NEW_TOKEN not in logged
+
+
+def test_without_the_second_file_the_first_still_works(tmp_path):
+    """The UI's Secret is optional in the projected volume: until it exists only `tokens` is
+    there, and the missing file is skipped without a word per request."""
+    from serving.server import free_port
+
+    mount = tmp_path / "auth"
+    write_secret_volume(mount, {TOKENS_KEY: f"# segserve API tokens\n{OLD_TOKEN}\n"})
+    files = [mount / TOKENS_KEY, mount / UI_TOKEN_KEY]
+    nothing = {key: f"127.0.0.1:{free_port()}" for key in ("rest", "grpc", "metrics")}
+    with running_auth_proxy(nothing, files, tmp_path / "nginx") as proxy:
+        assert _let_through(proxy, OLD_TOKEN) == ACCEPTED
+        assert _let_through(proxy, UI_TOKEN) == REFUSED
+        r = requests.post(
+            f"{proxy.rest_url}/predictions/segmenter", headers=_bearer(UI_TOKEN), timeout=10
+        )
+        assert "is not one of the tokens" in r.json()["message"]
+        assert "cannot read" not in proxy.error_log.read_text()
+
+        # The optional Secret created later: kubelet adds its file, the proxy takes it at once.
+        write_secret_volume(mount, {TOKENS_KEY: f"{OLD_TOKEN}\n", UI_TOKEN_KEY: f"{UI_TOKEN}\n"})
+        assert _let_through(proxy, UI_TOKEN) == ACCEPTED
+
+        # Only the UI's file left (never so in the pod: segserve-api-tokens is not optional):
+        # its token is accepted, the API tokens' are gone.
+        write_secret_volume(mount, {UI_TOKEN_KEY: f"{UI_TOKEN}\n"})
+        assert (_let_through(proxy, UI_TOKEN), _let_through(proxy, OLD_TOKEN)) == (
+            ACCEPTED,
+            REFUSED,
+        )
+
+        # Neither file: everything refused, the error names both.
+        write_secret_volume(mount, {"other-key": "x\n"})
+        r = requests.post(
+            f"{proxy.rest_url}/predictions/segmenter", headers=_bearer(OLD_TOKEN), timeout=10
+        )
+        assert r.status_code == 401 and "no API token is configured" in r.json()["message"]
+        errors = proxy.error_log.read_text()
+        assert f"cannot read the token file {mount / TOKENS_KEY} (" in errors
+        assert f", {mount / UI_TOKEN_KEY} (" in errors
 
 
 # --- With TorchServe behind it -------------------------------------------------------------

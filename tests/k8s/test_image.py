@@ -43,6 +43,7 @@ from .pod_runner import (
     kill_tree,
     run_argv,
     working_container,
+    written_since,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.serving]
@@ -96,22 +97,6 @@ def _free_ports(n: int) -> list[int]:
         if len(ports) == n:
             return ports
     raise RuntimeError(f"no {n} free ports in 20000-32000")
-
-
-def _written_since(root: Path, since: float, mounted: list[str]) -> list[str]:
-    """Files under the container's root changed after ``since``, outside the mounts."""
-    changed = []
-    for folder, dirs, names in os.walk(root):
-        rel = "/" + os.path.relpath(folder, root).lstrip(".")
-        dirs[:] = [
-            d for d in dirs if not any(f"{rel}/{d}".replace("//", "/") == m for m in mounted)
-        ]
-        for name in names:
-            path = Path(folder, name)
-            with contextlib.suppress(FileNotFoundError):
-                if path.lstat().st_mtime > since:
-                    changed.append(str(path.relative_to(root)))
-    return changed
 
 
 def test_image_is_slim_non_root_and_has_no_build_tools(serving_image):
@@ -267,6 +252,6 @@ def test_the_pod_runs_in_the_image(serving_image, tiny_archive, tiny_export, tmp
                 kill_tree(proc.pid)
                 proc.wait(timeout=30)
         mounted = [m["mountPath"] for m in torchserve["volumeMounts"]]
-        written = _written_since(root, started, mounted)
+        written = written_since(root, started, mounted)
         image.buildah("umount", ctr)
     assert written == [], f"written outside the pod's volumes (read-only root in k8s): {written}"

@@ -39,7 +39,8 @@ def _serving_pod_labels(objects: list[dict]) -> dict[str, str]:
     return find(objects, "Deployment", "segserve")["spec"]["template"]["metadata"]["labels"]
 
 
-@pytest.mark.parametrize("overlay", ["cpu", "gpu", "kserve"])
+# cpu-ui: the web demo's policy (egress to the serving pods) must not widen the serving pods'.
+@pytest.mark.parametrize("overlay", ["cpu", "cpu-ui", "gpu", "kserve"])
 def test_serving_pods_may_reach_only_dns_and_https(overlay):
     objects = render_overlay(REPO / "k8s/overlays" / overlay)
     labels = _serving_pod_labels(objects)

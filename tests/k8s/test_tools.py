@@ -180,7 +180,7 @@ def test_set_image_and_apply_order():
 
 
 def test_unknown_overlay_lists_the_real_ones():
-    with pytest.raises(deploy.DeployError, match=r"\['cpu', 'gpu', 'kserve'\]"):
+    with pytest.raises(deploy.DeployError, match=r"\['cpu', 'cpu-ui', 'gpu', 'kserve'\]"):
         deploy.resolve_overlay("tpu")
 
 

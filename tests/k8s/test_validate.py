@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from k8s.tools import consistency as cc
+from k8s.tools import webui
 from k8s.tools.render import find, render_overlay
 from k8s.tools.sync import drift, sync
 from k8s.tools.validate import validate_repo
+from serving.properties import read_properties
 
 from .conftest import REPO, edit
 
@@ -224,7 +227,7 @@ def test_drifted_config_copy_fails_until_synced(repo_copy):
 
 def test_every_overlay_renders_as_kubectl_apply_k_would(kubectl):
     """Default settings: no --load-restrictor (what `kubectl apply -k` cannot pass)."""
-    for overlay in ("cpu", "gpu", "kserve"):
+    for overlay in ("cpu", "cpu-ui", "gpu", "kserve"):
         done = subprocess.run(
             [str(kubectl), "kustomize", str(REPO / "k8s/overlays" / overlay)],
             capture_output=True,
@@ -233,3 +236,241 @@ def test_every_overlay_renders_as_kubectl_apply_k_would(kubectl):
         )
         assert done.returncode == 0, f"{overlay}: {done.stderr}"
         assert "kind: Deployment" in done.stdout or "kind: InferenceService" in done.stdout
+
+
+# --- The web demo page (k8s/components/ui, in k8s/overlays/cpu-ui) --------------------------
+
+UI = "k8s/components/ui"
+
+
+def _ui_problems(repo: Path) -> list[str]:
+    """What validate.py's checks of the page, the selectors and the proxy's tokens say about
+    the cpu-ui overlay of ``repo`` (the rest of validate_repo, minus the slow schema and
+    promtool passes)."""
+    objects = render_overlay(repo / "k8s/overlays/cpu-ui")
+    props = read_properties(repo / "config.properties")
+    serving = find(objects, "Deployment", "segserve")
+    cfg = cc.effective_config(props, cc.torchserve_container(serving))
+    conf = cc.config_map(objects, cc.AUTH_PROXY_CONFIG)["data"]["nginx.conf"]
+    return (
+        webui.check_ui(objects, props)
+        + cc.check_selectors(objects)
+        + cc.check_ports(objects, cfg)
+        + cc.check_api_tokens(serving, conf)
+        + cc.check_security(find(objects, "Deployment", webui.UI_DEPLOYMENT))
+    )
+
+
+def test_ui_overlay_is_the_cpu_overlay_plus_the_page():
+    cpu = {(o["kind"], o["metadata"]["name"]) for o in render_overlay(REPO / "k8s/overlays/cpu")}
+    objects = render_overlay(REPO / "k8s/overlays/cpu-ui")
+    added = {(o["kind"], o["metadata"]["name"]) for o in objects} - cpu
+    assert added == {
+        ("Deployment", "segserve-ui"),
+        ("Service", "segserve-ui"),
+        ("NetworkPolicy", "segserve-ui"),
+        ("ServiceAccount", "segserve-ui"),
+    }
+    assert _ui_problems(REPO) == []
+    ui = find(objects, "Deployment", "segserve-ui")
+    assert ui["metadata"]["namespace"] == "segserve"
+    assert ui["spec"]["template"]["spec"]["containers"][0]["image"].endswith("/segserve-ui:0.1.0")
+    # The page's pods carry component=ui; none of the serving objects' selectors has it.
+    labels = ui["spec"]["template"]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/component"] == "ui"
+    for kind in ("Service", "PodDisruptionBudget", "NetworkPolicy"):
+        selector = cc._pod_selector(find(objects, kind, "segserve"))
+        assert not cc.selector_matches(selector, labels), kind
+    # The serving pods' token volume: both Secrets, the UI's optional.
+    pod = find(objects, "Deployment", "segserve")["spec"]["template"]["spec"]
+    proxy = cc.auth_proxy_container(find(objects, "Deployment", "segserve"))
+    assert cc.secret_key_at(pod, proxy, "/etc/segserve/auth/tokens")[:3] == (
+        "segserve-api-tokens",
+        "tokens",
+        False,
+    )
+    assert cc.secret_key_at(pod, proxy, "/etc/segserve/auth/ui-token")[:3] == (
+        "segserve-ui-token",
+        "token",
+        True,
+    )
+
+
+def test_ui_calling_another_host_fails_in_make_k8s_validate(repo_copy):
+    edit(repo_copy / UI / "deployment.yaml", "- http://segserve:8080", "- http://segserv:8080")
+    problems = validate_repo(repo_copy)
+    assert any(
+        p.startswith("k8s/overlays/cpu-ui: Deployment/segserve/segserve-ui: --inference-url")
+        and "'segserv' is not the Service segserve" in p
+        for p in problems
+    ), problems
+
+
+def test_ui_calling_a_port_the_service_lacks_or_the_metrics_port_fails(repo_copy):
+    deployment = repo_copy / UI / "deployment.yaml"
+    edit(deployment, "- http://segserve:8080", "- http://segserve.segserve.svc:8081")
+    problems = _ui_problems(repo_copy)
+    assert any("Service/segserve/segserve has no port 8081" in p for p in problems), problems
+    edit(deployment, "- http://segserve.segserve.svc:8081", "- http://segserve:8082")
+    problems = _ui_problems(repo_copy)
+    assert any(
+        "port 8082 leads to container port 8082, not to the auth-proxy's http listener (8080)" in p
+        for p in problems
+    ), problems
+
+
+def test_ui_in_grpc_mode_needs_the_grpc_port(repo_copy):
+    deployment = repo_copy / UI / "deployment.yaml"
+    edit(deployment, "- --protocol\n            - rest", "- --protocol\n            - grpc")
+    assert _ui_problems(repo_copy) == []  # both policies admit 7070 already
+    edit(deployment, "- segserve:7070", "- segserve:8080")
+    problems = _ui_problems(repo_copy)
+    assert any(
+        "--grpc-target segserve:8080" in p and "not to the auth-proxy's grpc listener (7070)" in p
+        for p in problems
+    ), problems
+
+
+def test_ui_asking_for_a_model_torchserve_does_not_load_fails(repo_copy):
+    edit(repo_copy / UI / "deployment.yaml", "- segmenter", "- segmentor")
+    problems = _ui_problems(repo_copy)
+    assert any("--model-name segmentor: TorchServe loads ['segmenter']" in p for p in problems)
+
+
+def test_ui_probes_elsewhere_than_healthz_on_its_port_fail(repo_copy):
+    deployment = repo_copy / UI / "deployment.yaml"
+    edit(
+        deployment,
+        "readinessProbe:\n            httpGet:\n              path: /healthz",
+        "readinessProbe:\n            httpGet:\n              path: /",
+    )
+    problems = _ui_problems(repo_copy)
+    assert any(
+        "ui readinessProbe should GET /healthz on the page's port 7860" in p for p in problems
+    )
+    # The page moved to another port without its containerPort, probes and Service.
+    edit(deployment, '- "7860"', '- "7861"')
+    problems = _ui_problems(repo_copy)
+    assert any("ui --port 7861 is not a containerPort of the ui container" in p for p in problems)
+    assert any("livenessProbe should GET /healthz on the page's port 7861" in p for p in problems)
+    assert any(
+        "no Service selects the page's pods with a port targeting 7861" in p for p in problems
+    )
+
+
+def test_ui_listening_on_loopback_fails(repo_copy):
+    edit(repo_copy / UI / "deployment.yaml", "- 0.0.0.0", "- 127.0.0.1")
+    problems = _ui_problems(repo_copy)
+    assert any("ui --host 127.0.0.1: listen on 0.0.0.0" in p for p in problems), problems
+
+
+def test_ui_token_file_where_the_secret_is_not_mounted_fails(repo_copy):
+    edit(repo_copy / UI / "deployment.yaml", "- /etc/segserve/ui/token", "- /etc/segserve/token")
+    problems = _ui_problems(repo_copy)
+    assert any(
+        "--token-file /etc/segserve/token is no mounted Secret key; mount key token of Secret "
+        "segserve-ui-token there" in p
+        for p in problems
+    ), problems
+
+
+def test_ui_token_secret_optional_for_the_page_fails(repo_copy):
+    edit(
+        repo_copy / UI / "deployment.yaml",
+        "secretName: segserve-ui-token\n",
+        "secretName: segserve-ui-token\n            optional: true\n",
+    )
+    problems = _ui_problems(repo_copy)
+    assert any("segserve-ui-token must not be optional for the page" in p for p in problems)
+
+
+def test_proxy_not_reading_the_ui_token_fails(repo_copy):
+    """The projected file must be one nginx.conf lists, or the proxy refuses the page."""
+    edit(repo_copy / UI / "auth-proxy-tokens.yaml", "path: ui-token", "path: ui_token")
+    problems = _ui_problems(repo_copy)
+    assert any(
+        "Deployment/segserve/segserve: the auth-proxy reads no file holding key token of Secret "
+        "segserve-ui-token"
+        in p
+        and "/etc/segserve/auth/ui-token" in p
+        for p in problems
+    ), problems
+
+
+def test_optional_api_tokens_in_the_projected_volume_fail(repo_copy):
+    edit(
+        repo_copy / UI / "auth-proxy-tokens.yaml",
+        "name: segserve-api-tokens\n",
+        "name: segserve-api-tokens\n                  optional: true\n",
+    )
+    problems = _ui_problems(repo_copy)
+    assert any("segserve-api-tokens must not be optional" in p for p in problems), problems
+
+
+def test_serving_policy_not_admitting_the_ui_fails(repo_copy):
+    edit(
+        repo_copy / UI / "kustomization.yaml",
+        "app.kubernetes.io/component: ui",
+        "app.kubernetes.io/component: web",
+    )
+    problems = _ui_problems(repo_copy)
+    assert any(
+        "Deployment/segserve/segserve: its NetworkPolicies do not admit the page's pods" in p
+        and "on 8080 (http" in p
+        for p in problems
+    ), problems
+
+
+def test_ui_policy_closing_the_page_or_its_way_out_fails(repo_copy):
+    policy = repo_copy / UI / "networkpolicy.yaml"
+    edit(policy, "    - ports:\n        - port: http\n", "    - ports:\n        - port: 7861\n")
+    edit(policy, "app.kubernetes.io/component: torchserve", "app.kubernetes.io/component: ts")
+    edit(policy, "        - port: 53\n          protocol: UDP\n", "")
+    problems = _ui_problems(repo_copy)
+    assert any("admit nobody on its port 7860" in p for p in problems), problems
+    assert any(
+        "the page's egress policy does not allow the segserve pods on 8080" in p for p in problems
+    )
+    assert any("the page's egress policy allows no DNS (53/UDP)" in p for p in problems)
+
+
+def test_ui_without_an_ingress_policy_fails(repo_copy):
+    edit(repo_copy / UI / "kustomization.yaml", "  - networkpolicy.yaml\n", "")
+    problems = _ui_problems(repo_copy)
+    assert any("no NetworkPolicy limits the ingress of the page's pods" in p for p in problems)
+
+
+def test_ui_pods_labelled_like_the_serving_pods_fail(repo_copy):
+    """The segserve Service would send inference to the page, the PDB count it, the serving
+    policy open it, and the two Deployments fight over each other's pods."""
+    for name in ("deployment.yaml", "service.yaml", "networkpolicy.yaml"):
+        path = repo_copy / UI / name
+        text = path.read_text()
+        path.write_text(text.replace("component: ui", "component: torchserve"))
+    problems = _ui_problems(repo_copy)
+    for obj in ("Service/segserve/segserve", "PodDisruptionBudget/segserve/segserve"):
+        assert any(
+            p.startswith(f"{obj}: its selector") and "['segserve', 'segserve-ui']" in p
+            for p in problems
+        ), (obj, problems)
+    assert any(
+        p.startswith("Deployment/segserve/segserve: its selector")
+        and "also selects the pods of Deployment ['segserve-ui']" in p
+        for p in problems
+    ), problems
+    assert any(
+        p.startswith("NetworkPolicy/segserve/segserve: its podSelector") for p in problems
+    ), problems
+
+
+def test_ui_container_with_a_writable_root_fails(repo_copy):
+    edit(
+        repo_copy / UI / "deployment.yaml",
+        "readOnlyRootFilesystem: true",
+        "readOnlyRootFilesystem: false",
+    )
+    problems = _ui_problems(repo_copy)
+    assert any(
+        "Deployment/segserve/segserve-ui: container ui: readOnlyRootFilesystem must be true" in p
+        for p in problems
+    ), problems

@@ -55,6 +55,10 @@ def test_json_body_fields(prediction, meta):
     assert body["mean_confidence"] == pytest.approx(float(confidence.mean()), rel=1e-6)
     decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask"]))))
     np.testing.assert_array_equal(decoded, mask)
+    assert body["confidence_map_format"] == "png/base64/uint8"
+    heat = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["confidence_map"]))))
+    assert heat.shape == mask.shape and heat.dtype == np.uint8
+    np.testing.assert_allclose(heat / 255.0, confidence, atol=0.5 / 255 + 1e-6)
     json.dumps(body, allow_nan=False)  # strict JSON: no NaN leaks
 
 

@@ -1,0 +1,1 @@
+"""segserve's web page: try the served model in a browser (Gradio, over segserve's client)."""
