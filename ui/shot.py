@@ -30,7 +30,7 @@ from serving.server import free_port
 # Debian's package names: the browser and the driver built from the same source.
 BROWSER_PACKAGES = {"chromium": "chromium", "chromedriver": "chromium-driver"}
 PAGE_START_TIMEOUT_S = 120.0
-RESULT_TIMEOUT_S = 90.0
+RESULT_TIMEOUT_S = 150.0
 
 
 class BrowserError(RuntimeError):

@@ -47,6 +47,7 @@ from .pod_runner import (
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.serving]
+FIRST_ANSWER_S = 180.0
 
 TOKEN = "image-test-token-0123456789abcdef"
 
@@ -224,9 +225,12 @@ def test_the_pod_runs_in_the_image(serving_image, tiny_archive, tiny_export, tmp
                     requests.post(f"{proxy.rest_url}/predictions/segmenter", data=png).status_code
                     == 401
                 )
-                with RestClient(proxy.rest_url, token=TOKEN) as client:
+                # Generous timeouts: the first forward of a fresh worker (TorchScript's profiling
+                # runs) took over 30 s in a CI run with both cores busy; this test checks what
+                # the pod answers, not how fast.
+                with RestClient(proxy.rest_url, token=TOKEN, timeout=FIRST_ANSWER_S) as client:
                     assert np.array_equal(client.predict(png).mask(), expected)
-                client = GrpcClient(proxy.grpc_target, token=TOKEN)
+                client = GrpcClient(proxy.grpc_target, token=TOKEN, timeout=FIRST_ANSWER_S)
                 try:
                     assert np.array_equal(client.predict(png).mask(), expected)
                 finally:

@@ -18,6 +18,8 @@ from ui.shot import run_page
 
 MAX_REQUEST_SIZE = 2 * 1024 * 1024
 SAMPLE_SIZE = (150, 210)  # height, width
+# The tests check what the page shows, not how fast: room for a fresh worker on a busy CI box.
+ANSWER_TIMEOUT_S = 120.0
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +46,8 @@ def samples(tmp_path_factory) -> Path:
 def page_args(server, token_file: Path, samples: Path, protocol: str = "rest") -> list[str]:
     return ["--inference-url", server.inference_url, "--grpc-target",
             server.grpc_inference_target, "--protocol", protocol, "--token-file",
-            str(token_file), "--samples", str(samples)]  # fmt: skip
+            str(token_file), "--samples", str(samples),
+            "--timeout-s", str(ANSWER_TIMEOUT_S)]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from client.errors import RequestRejected
 from client.rest import RestClient
 from loadtest.hostile import png_claiming
 from tests.conftest import TINY_CLASSES, free_port
-from tests.ui.conftest import MAX_REQUEST_SIZE
+from tests.ui.conftest import ANSWER_TIMEOUT_S, MAX_REQUEST_SIZE
 from ui.answer import colour_mask
 from ui.app import Downloads, Page
 from ui.backend import Backend, PageError
@@ -25,7 +25,8 @@ pytestmark = [pytest.mark.serving, pytest.mark.slow]
 def _config(server, token_file, **overrides):
     return page_config({"inference_url": server.inference_url,
                         "grpc_target": server.grpc_inference_target,
-                        "token_file": token_file, **overrides})  # fmt: skip
+                        "token_file": token_file, "timeout_s": ANSWER_TIMEOUT_S,
+                        **overrides})  # fmt: skip
 
 
 def _rest(server) -> RestClient:
