@@ -10,8 +10,9 @@ Example:
     $ torchrun --nproc_per_node=2 -m training train --config configs/default.yaml
     $ python -m training evaluate --run-dir runs/default
     $ python -m training export --run-dir runs/default --runtimes torchscript,onnx,onnx_int8
-    $ python -m training predict --export-dir runs/default/export street.jpg --out-dir preds
-    $ python -m training check-data --config configs/cityscapes.yaml
+    $ python -m training evaluate --run-dir runs/default --split test --tta flip --scales 0.75,1
+    $ python -m training predict --run-dir runs/default --input photos/ --out preds
+    $ python -m training check-data --config configs/cityscapes.yaml --out reports/cityscapes
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from handler.artifact import MetadataError
     from training.checkpoint import CheckpointError
     from training.datasets import DataError
+    from training.inference import InferenceError
 
-    errors: list[type[BaseException]] = [ConfigError, DataError, CheckpointError, MetadataError]
+    errors: list[type[BaseException]] = [
+        ConfigError, DataError, CheckpointError, MetadataError, InferenceError
+    ]  # fmt: skip
     try:
         from training.predict import PredictError
 
@@ -67,11 +71,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from training.evaluate import run_evaluation
+    from training.evaluate import eval_dir_name, run_evaluation
+    from training.inference import options_from_args
 
-    metrics = run_evaluation(Path(args.run_dir), Path(args.checkpoint) if args.checkpoint else None)
+    options = options_from_args(args)
+    data_root = Path(args.data_root) if args.data_root else None
+    run_dir = Path(args.run_dir)
+    out = Path(args.out) if args.out else run_dir / eval_dir_name(args.split, data_root, options)
+    metrics = run_evaluation(
+        run_dir,
+        Path(args.checkpoint) if args.checkpoint else None,
+        split=args.split,
+        data_root=data_root,
+        options=options,
+        out_dir=out,
+    )
     _print_json({k: metrics[k] for k in metrics if not k.startswith(("confusion", "per_class"))})
-    print(f"wrote {Path(args.run_dir) / 'eval'}", file=sys.stderr)
+    print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
@@ -89,40 +105,44 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import numpy as np
-    from PIL import Image
+    from training.inference import options_from_args
+    from training.predict import PredictError, Predictor, list_images, write_predictions
 
-    from training.predict import Predictor
-
-    predictor = Predictor.from_export(
-        Path(args.export_dir), device=args.device, runtime=args.runtime
-    )
-    palette = [c for rgb in predictor.metadata.palette for c in rgb]
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for path in map(Path, args.images):
-        mask, confidence = predictor.predict_file(path)
-        # A palette PNG: exact class ids for tools, the dataset's colours for people.
-        img = Image.fromarray(mask.astype(np.uint8), mode="P")
-        img.putpalette(palette)
-        target = out_dir / f"{path.stem}.png"
-        img.save(target)
-        print(f"{path} -> {target}  (mean confidence {float(confidence.mean()):.3f})")
+    if bool(args.export_dir) == bool(args.run_dir):
+        raise PredictError("predict: pass either --run-dir RUN_DIR or --export-dir EXPORT_DIR")
+    inputs = [*args.images, *(args.input or [])]
+    if not inputs:
+        raise PredictError("predict: no images; pass --input IMAGE_OR_FOLDER (repeatable)")
+    if not args.out_dir:
+        raise PredictError("predict: pass --out DIR, the folder for the masks and overlays")
+    export_dir = Path(args.export_dir) if args.export_dir else Path(args.run_dir) / "export"
+    predictor = Predictor.from_export(export_dir, device=args.device, runtime=args.runtime)
+    options = options_from_args(args)
+    for done in write_predictions(predictor, list_images(inputs), Path(args.out_dir), options):
+        print(
+            f"{done.source} -> {done.mask} + {done.overlay.name}  "
+            f"(mean confidence {done.mean_confidence:.3f})"
+        )
     return 0
 
 
-def check_data(recipe: Any) -> tuple[dict[str, int], list[str]]:
-    """Load every sample of the train and val splits; (samples per split, problems found).
+def check_data(recipe: Any, survey: Any = None) -> tuple[dict[str, int], list[str]]:
+    """Load every sample of the train and val splits (and a test split, when the layout has
+    one or ``data.split`` draws one); (samples per split, problems found).
 
-    Each problem is the data error's own message, which names the file and the fix.
+    Each problem is the data error's own message, which names the file and the fix. A
+    ``training.data_report.DataSurvey`` given as ``survey`` sees every sample that loads.
     """
     from training.datasets import DataError, build_dataset
+    from training.layouts import optional_test_split
     from training.resolve import resolve_preprocess_spec
 
     spec = resolve_preprocess_spec(recipe)
     counts: dict[str, int] = {}
     problems: list[str] = []
-    for split in dict.fromkeys((recipe.data.train_split, recipe.data.val_split)):
+    test = optional_test_split(recipe.data)
+    splits = (recipe.data.train_split, recipe.data.val_split, *([test] if test else []))
+    for split in dict.fromkeys(splits):
         try:
             dataset = build_dataset(recipe.data, split, spec, train=False)
         except DataError as exc:
@@ -130,21 +150,36 @@ def check_data(recipe: Any) -> tuple[dict[str, int], list[str]]:
             problems.append(f"{split}: {exc}")
             continue
         counts[split] = len(dataset)
+        if survey is not None:
+            survey.start_split(split, dataset)
         for i in range(len(dataset)):
             try:
-                dataset.load_raw(i)
+                sample = dataset.load_raw(i)
             except DataError as exc:
                 problems.append(f"{split}: {exc}")
+                continue
+            if survey is not None:
+                survey.add(split, i, *sample)
     return counts, problems
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
+    from training.data_report import DataSurvey
+
     recipe = load_recipe(args.config, args.set)
-    counts, problems = check_data(recipe)
+    survey = DataSurvey(samples_per_split=args.samples)
+    counts, problems = check_data(recipe, survey)
     for problem in problems:
         print(problem)
     summary = ", ".join(f"{split}: {n} samples" for split, n in counts.items())
     print(f"{recipe.data.kind} data: {summary}; {len(problems)} problem(s)")
+    out = Path(args.out) if args.out else Path(recipe.output_dir) / "check-data"
+    if any(s.sizes for s in survey.splits.values()):
+        print(f"data report (class distribution, image sizes, samples) in {out}:")
+        for path in survey.write(out):
+            print(f"  {path}")
+    else:
+        print("no sample could be read: no data report written")
     return 1 if problems else 0
 
 
@@ -177,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="metrics, confusion matrix and overlays into RUN_DIR/eval")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--checkpoint", help="default: RUN_DIR/checkpoints/best.pt")
+    p.add_argument("--split", default="val", help="any split the dataset has (default: val)")
+    p.add_argument("--data-root", help="another copy of the data: same layout, this root")
+    p.add_argument(
+        "--out",
+        help="output folder (default: RUN_DIR/eval for the plain val evaluation, which export "
+        "reads; RUN_DIR/eval-<split>[-root-<name>][-<tta>] otherwise)",
+    )
+    _add_inference(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="TorchScript (+ ONNX) and metadata into RUN_DIR/export")
@@ -190,16 +233,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("predict", help="segment image files with an exported model")
-    p.add_argument("--export-dir", required=True, help="folder with model.pt + metadata.json")
-    p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--out-dir", required=True, help="where the palette PNG masks go")
+    p = sub.add_parser(
+        "predict", help="segment images (files or folders): class-id mask + overlay PNG each"
+    )
+    p.add_argument("--run-dir", help="a run folder: its export/ is used")
+    p.add_argument("--export-dir", help="folder with model.pt + metadata.json")
+    p.add_argument("images", nargs="*", help="image files or folders (or --input)")
+    p.add_argument(
+        "--input", action="append", help="an image file or a folder of images (repeatable)"
+    )
+    p.add_argument(
+        "--out",
+        "--out-dir",
+        dest="out_dir",
+        help="where <stem>.png (class ids, palette PNG) and <stem>_overlay.png go",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--runtime",
         default="torchscript",
         help="which exported model: torchscript (model.pt), onnx or onnx_int8",
     )
+    _add_inference(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("samples", help="write images of the embedded dataset (demo, load tests)")
@@ -209,11 +264,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_samples)
 
-    p = sub.add_parser("check-data", help="load every sample of a recipe's data; list problems")
+    p = sub.add_parser(
+        "check-data",
+        help="load every sample of a recipe's data; list problems; write a data report",
+    )
     p.add_argument("--config", required=True)
+    p.add_argument(
+        "--out",
+        help="folder for the data report (default: the recipe's output_dir/check-data)",
+    )
+    p.add_argument(
+        "--samples", type=int, default=4, help="samples per split in samples.png (default 4)"
+    )
     _add_set(p)
     p.set_defaults(func=cmd_check_data)
     return parser
+
+
+def _add_inference(p: argparse.ArgumentParser) -> None:
+    from training.inference import add_arguments
+
+    add_arguments(p)
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:

@@ -29,13 +29,20 @@ class ConfigError(ValueError):
     """A recipe that cannot be used; the message names the key and the fix."""
 
 
-DATA_KINDS = ("synthetic", "cityscapes", "voc", "folder")
+# The kinds read by training/layouts.py (listing files, CVAT, LabelMe, ADE20K).
+LAYOUT_KINDS = ("lists", "cvat", "labelme", "ade20k")
+DATA_KINDS = ("synthetic", "cityscapes", "voc", "folder", *LAYOUT_KINDS)
+# The kinds whose data may come without split folders, for data.split to divide.
+SPLITTABLE_KINDS = ("folder", "labelme", "cvat")
 RESIZE_POLICIES = ("resize", "pad")
 OPTIMIZERS = ("adamw", "sgd")
 LR_POLICIES = ("poly", "cosine", "constant")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 DEVICES = ("auto", "cpu", "cuda")
 EXPORT_METHODS = ("trace", "script")
+SYNTHETIC_MODES = ("default", "imbalanced")
+# loss.class_weights may name a method instead of listing weights (training/class_weights.py).
+CLASS_WEIGHT_METHODS = ("inverse", "median_frequency")
 
 # Fields restricted to a fixed set of values: (section, field) -> allowed values.
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -46,6 +53,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("train", "amp"): AMP_MODES,
     ("train", "device"): DEVICES,
     ("export", "method"): EXPORT_METHODS,
+    ("data.synthetic", "mode"): SYNTHETIC_MODES,
 }
 
 
@@ -57,6 +65,9 @@ class SyntheticConfig:
     num_val: int = 160
     image_size: tuple[int, int] = (128, 128)
     seed: int = 0
+    # "imbalanced": adds thin classes (poles, cables) and a rare one (a beacon in ~5 % of the
+    # scenes), to reproduce rare/thin classes stuck at IoU 0 (training/synthetic.py).
+    mode: str = "default"
 
 
 @dataclass
@@ -69,6 +80,37 @@ class AugmentConfig:
     rotate: float = 0.0
     color_jitter: float = 0.2
     noise: float = 0.1
+
+
+@dataclass
+class ClassMapConfig:
+    """Merge, rename, keep a subset of or ignore the dataset's classes (training/class_map.py).
+
+    ``classes``: new class → source class name(s), in new-id order; or a list of source classes
+    to keep as they are. ``others``: where unlisted source classes go, ``ignore`` or a new
+    class's name. ``ignore``: source classes always ignored. ``colors``: new class → [r, g, b]
+    (default: its first source class's colour).
+    """
+
+    classes: dict[str, Any] | list[str] = field(default_factory=dict)
+    others: str = "ignore"
+    ignore: list[str] = field(default_factory=list)
+    colors: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SplitConfig:
+    """A seeded train/val/test split of data without split folders (training/splits.py).
+
+    ``seed`` is the split's own, not the recipe's: a sweep over ``seed`` keeps one val set.
+    ``dir`` holds the drawn lists ({train,val,test}.txt); null: RUN_DIR/splits, which
+    training fills in, so evaluation, export and --resume reuse the lists, never a new draw.
+    """
+
+    val: float = 0.15
+    test: float = 0.0
+    seed: int = 0
+    dir: str | None = None
 
 
 @dataclass
@@ -87,6 +129,10 @@ class DataConfig:
     num_workers: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # null: the dataset's own classes; see ClassMapConfig.
+    class_map: ClassMapConfig | None = None
+    # null: the dataset's own splits; {val: 0.15, test: 0.15}: draw them (SplitConfig).
+    split: SplitConfig | None = None
 
 
 @dataclass
@@ -100,14 +146,36 @@ class ModelConfig:
 
 
 @dataclass
+class OhemConfig:
+    """Online hard example mining for the CE term: only each batch's hard pixels count.
+
+    A pixel is hard when the predicted probability of its true class is below ``threshold``
+    (0.7 when neither is given: an unweighted CE above 0.357), or, with ``keep_fraction``,
+    when it is among that fraction of the valid pixels with the lowest true-class probability.
+    Either way at least ``min_kept`` pixels (the hardest; all of them in a smaller batch) are
+    kept. Give one of ``threshold`` and ``keep_fraction``.
+    """
+
+    threshold: float | None = None
+    keep_fraction: float | None = None
+    min_kept: int = 10_000
+
+
+@dataclass
 class LossConfig:
     """``L = ce * CrossEntropy + dice * Dice + focal * Focal``; every term honours ignore_index."""
 
     ce: float = 1.0
     dice: float = 0.0
     focal: float = 0.0
-    class_weights: list[float] | None = None
+    # One weight per class, or a method computed from the training split's pixel counts at the
+    # start of a run (inverse, median_frequency; training/class_weights.py), capped at
+    # class_weight_cap (null: no cap).
+    class_weights: list[float] | str | None = None
+    class_weight_cap: float | None = 10.0
     label_smoothing: float = 0.0
+    # null: plain CE over every valid pixel; {}: OHEM with the defaults of OhemConfig.
+    ohem: OhemConfig | None = None
 
 
 @dataclass
@@ -235,11 +303,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        for arg in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        for arg in options:
             try:
                 return _coerce(value, arg, key)
             except ConfigError as exc:
                 errors.append(str(exc))
+        if len(options) == 1 and dataclasses.is_dataclass(options[0]):
+            raise ConfigError(errors[0])  # an optional section: the inner key says more
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -304,12 +375,18 @@ def _check(recipe: Recipe) -> Recipe:
         raise ConfigError("loss: ce, dice and focal weights must be >= 0")
     if recipe.loss.ce + recipe.loss.dice + recipe.loss.focal == 0:
         raise ConfigError("loss: at least one of ce, dice, focal must be > 0")
+    _check_loss(recipe.loss)
+    if recipe.data.class_map is not None:
+        from training.class_map import parse_targets  # its shape; the names need the dataset
+
+        parse_targets(recipe.data.class_map)
     if recipe.train.epochs < 1:
         raise ConfigError(f"train.epochs: must be >= 1, got {recipe.train.epochs}")
     if recipe.data.batch_size < 1:
         raise ConfigError(f"data.batch_size: must be >= 1, got {recipe.data.batch_size}")
     if recipe.data.kind != "synthetic" and not recipe.data.root:
         raise ConfigError(f"data.root: required for data.kind={recipe.data.kind!r}")
+    _check_split(recipe.data)
     if (recipe.data.mean is None) != (recipe.data.std is None):
         raise ConfigError("data.mean and data.std: give both or neither")
     resolve_runtimes(recipe.export.runtimes, recipe.export.onnx)
@@ -332,6 +409,62 @@ def _check(recipe: Recipe) -> Recipe:
         if size[0] % 32 or size[1] % 32:
             raise ConfigError(f"export.parity_sizes: {list(size)} is not a multiple of 32")
     return recipe
+
+
+def _check_split(data: DataConfig) -> None:
+    """data.split: only for kinds that may lack split folders; fractions that leave training."""
+    split = data.split
+    if split is None:
+        return
+    if data.kind not in SPLITTABLE_KINDS:
+        raise ConfigError(
+            f"data.split: data.kind={data.kind!r} comes with its own splits; remove data.split "
+            f"(it divides {', '.join(SPLITTABLE_KINDS)} data without split folders)"
+        )
+    if not 0 < split.val < 1:
+        raise ConfigError(f"data.split.val: must be in (0, 1), e.g. 0.15, got {split.val}")
+    if not 0 <= split.test < 1:
+        raise ConfigError(f"data.split.test: must be in [0, 1), e.g. 0.15, got {split.test}")
+    if split.val + split.test >= 1:
+        raise ConfigError(
+            f"data.split: val {split.val} + test {split.test} leave nothing to train on; "
+            "keep their sum below 1"
+        )
+    for key in ("train_split", "val_split"):
+        if getattr(data, key) not in ("train", "val", "test"):
+            raise ConfigError(
+                f"data.{key}: {getattr(data, key)!r} is not a split data.split makes; use "
+                "train, val or test"
+            )
+
+
+def _check_loss(loss: LossConfig) -> None:
+    """Class-weight methods and OHEM settings (weights' length is checked in build_loss)."""
+    if isinstance(loss.class_weights, str) and loss.class_weights not in CLASS_WEIGHT_METHODS:
+        raise ConfigError(
+            f"loss.class_weights: {loss.class_weights!r} is not one of "
+            f"{list(CLASS_WEIGHT_METHODS)} (or a list of one weight per class, or null)"
+        )
+    if loss.class_weight_cap is not None and loss.class_weight_cap <= 0:
+        raise ConfigError(
+            f"loss.class_weight_cap: must be > 0 (or null: no cap), got {loss.class_weight_cap}"
+        )
+    ohem = loss.ohem
+    if ohem is None:
+        return
+    if loss.ce <= 0:
+        raise ConfigError("loss.ohem: mines the CE term, but loss.ce is 0; set loss.ce > 0")
+    if ohem.threshold is not None and ohem.keep_fraction is not None:
+        raise ConfigError(
+            "loss.ohem: give one of threshold (a true-class probability, e.g. 0.7) and "
+            "keep_fraction (e.g. 0.25), not both; set the other to null"
+        )
+    if ohem.threshold is not None and not 0 < ohem.threshold <= 1:
+        raise ConfigError(f"loss.ohem.threshold: must be in (0, 1], got {ohem.threshold}")
+    if ohem.keep_fraction is not None and not 0 < ohem.keep_fraction <= 1:
+        raise ConfigError(f"loss.ohem.keep_fraction: must be in (0, 1], got {ohem.keep_fraction}")
+    if ohem.min_kept < 0:
+        raise ConfigError(f"loss.ohem.min_kept: must be >= 0, got {ohem.min_kept}")
 
 
 def recipe_from_dict(data: dict[str, Any] | None) -> Recipe:

@@ -1,4 +1,5 @@
-"""Segmentation datasets: the embedded synthetic scenes, Cityscapes, Pascal VOC 2012, a folder.
+"""Segmentation datasets: the embedded synthetic scenes, Cityscapes, Pascal VOC 2012, a folder
+(listing files, CVAT, LabelMe, ADE20K and SegNet split folders: :mod:`training.layouts`).
 
 Every dataset yields ``(image float32 (3,H,W), mask int64 (H,W))`` after its transform, and
 exposes :meth:`SegmentationDataset.load_raw` (the untransformed RGB + mask in train ids) for
@@ -35,7 +36,8 @@ from PIL import Image, UnidentifiedImageError
 
 from handler.preprocessing import SIZE_DIVISOR, PreprocessSpec, padded_size
 from training import synthetic
-from training.config import DataConfig
+from training.class_map import ClassMap, resolve_class_map
+from training.config import DATA_KINDS, LAYOUT_KINDS, DataConfig
 from training.transforms import build_train_transform, build_val_transform
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -124,6 +126,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """Untransformed sample ``i``: (rgb uint8 (H,W,3), mask int64 (H,W), source name)."""
         raise NotImplementedError
 
+    def load_mask(self, i: int) -> np.ndarray:
+        """Sample ``i``'s mask alone (train ids), for pixel statistics; file datasets skip the
+        image decode."""
+        return self.load_raw(i)[1]
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} out of range for a dataset of {len(self)}")
@@ -148,12 +155,21 @@ class SegmentationDataset(torch.utils.data.Dataset):
 class SyntheticDataset(SegmentationDataset):
     """Scenes from :mod:`training.synthetic`, generated on first use and cached in memory."""
 
-    def __init__(self, info: DatasetInfo, transform: Transform, split: str, cfg: DataConfig):
+    def __init__(
+        self,
+        info: DatasetInfo,
+        transform: Transform,
+        split: str,
+        cfg: DataConfig,
+        class_map: ClassMap | None = None,
+    ):
         super().__init__(info, transform)
         self.split = split
         self.seed = cfg.synthetic.seed
         self.size = tuple(cfg.synthetic.image_size)
+        self.mode = cfg.synthetic.mode
         self.count = cfg.synthetic.num_train if split == "train" else cfg.synthetic.num_val
+        self.class_map = class_map
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
@@ -162,10 +178,11 @@ class SyntheticDataset(SegmentationDataset):
     def load_raw(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
         if i not in self._cache:
             self._cache[i] = synthetic.generate_scene(
-                self.seed, synthetic.scene_index(self.split, i), self.size
+                self.seed, synthetic.scene_index(self.split, i), self.size, self.mode
             )
         rgb, mask = self._cache[i]
-        return rgb.copy(), mask.astype(np.int64), f"synthetic/{self.split}/{i:06d}"
+        mask = mask.astype(np.int64) if self.class_map is None else self.class_map.apply(mask)
+        return rgb.copy(), mask, f"synthetic/{self.split}/{i:06d}"
 
 
 @dataclass(frozen=True)
@@ -204,6 +221,11 @@ class FileDataset(SegmentationDataset):
                 "size pixel for pixel (re-export the mask at the image's resolution)"
             )
         return rgb, mask, str(sample.image)
+
+    def load_mask(self, i: int) -> np.ndarray:
+        sample = self.samples[i]
+        with _open_image(sample.mask) as img:
+            return self.decode_mask(img, sample.mask)
 
 
 def _open_image(path: Path) -> Image.Image:
@@ -409,7 +431,8 @@ def voc_samples(root: Path, split: str) -> list[Sample]:
 
 def folder_samples(root: Path, split: str) -> list[Sample]:
     """``images/<split>/<stem>.<ext>`` ↔ ``masks/<split>/<stem>.png``."""
-    image_dir = _split_dir(root / "images" / split, "images/<split>")
+    where = "images/<split> (nor SegNet's <split>/ + <split>annot/; flat images/ needs data.split)"
+    image_dir = _split_dir(root / "images" / split, where)
     mask_dir = _split_dir(root / "masks" / split, "masks/<split>")
     images: dict[str, Path] = {}
     for p in sorted(image_dir.iterdir()):
@@ -513,14 +536,44 @@ def _root(cfg: DataConfig) -> Path:
 
 
 def dataset_info(cfg: DataConfig) -> DatasetInfo:
-    """Class names, palette and ignore index of ``cfg``'s dataset, without scanning its files.
+    """Class names, palette and ignore index the run trains on: the dataset's own classes
+    (:func:`source_info`), after ``data.class_map`` when the recipe has one.
 
     Example:
         >>> dataset_info(DataConfig()).class_names[:3]
         ('background', 'disc', 'box')
+        >>> from training.config import ClassMapConfig
+        >>> cfg = DataConfig(class_map=ClassMapConfig(classes=["ring", "disc"]))
+        >>> dataset_info(cfg).class_names, dataset_info(cfg).palette[0]
+        (('ring', 'disc'), (0, 130, 200))
+    """
+    source = source_info(cfg)
+    cmap = class_map_for(cfg, source)
+    if cmap is None:
+        return source
+    info = DatasetInfo(cmap.names, cmap.palette, source.ignore_index)
+    return _check_ignore(info, "data.class_map")
+
+
+def class_map_for(cfg: DataConfig, source: DatasetInfo | None = None) -> ClassMap | None:
+    """``data.class_map`` resolved against the dataset's own classes; None without one."""
+    if cfg.class_map is None:
+        return None
+    source = source or source_info(cfg)
+    return resolve_class_map(cfg.class_map, source.class_names, source.palette, cfg.ignore_index)
+
+
+def source_info(cfg: DataConfig) -> DatasetInfo:
+    """Class names, palette and ignore index of ``cfg``'s dataset itself (before any
+    ``data.class_map``), without scanning its files.
+
+    Example:
+        >>> source_info(DataConfig()).class_names[:3]
+        ('background', 'disc', 'box')
     """
     if cfg.kind == "synthetic":
-        info = DatasetInfo(synthetic.CLASS_NAMES, synthetic.PALETTE, cfg.ignore_index)
+        mode = cfg.synthetic.mode
+        info = DatasetInfo(synthetic.class_names(mode), synthetic.palette(mode), cfg.ignore_index)
     elif cfg.kind == "cityscapes":
         info = DatasetInfo(CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, cfg.ignore_index)
     elif cfg.kind == "voc":
@@ -529,8 +582,12 @@ def dataset_info(cfg: DataConfig) -> DatasetInfo:
         classes = read_classes_yaml(_root(cfg))
         palette = classes.colours or voc_palette(len(classes.names))
         info = DatasetInfo(classes.names, palette, cfg.ignore_index)
+    elif cfg.kind in LAYOUT_KINDS:  # lists, cvat, labelme, ade20k: training/layouts.py
+        from training.layouts import layout_info
+
+        info = DatasetInfo(*layout_info(cfg, _root(cfg)), cfg.ignore_index)
     else:
-        raise DataError(f"data.kind: {cfg.kind!r} is not one of synthetic, cityscapes, voc, folder")
+        raise DataError(f"data.kind: {cfg.kind!r} is not one of {list(DATA_KINDS)}")
     return _check_ignore(info, f"the {cfg.kind} dataset")
 
 
@@ -550,7 +607,9 @@ def build_dataset(
         >>> len(build_dataset(cfg, "train", PreprocessSpec((32, 32)), train=True))
         3
     """
+    source = source_info(cfg)
     info = dataset_info(cfg)
+    remap = class_map_for(cfg, source)  # applied after each kind's own decoder
     if train:
         transform: Transform = build_train_transform(cfg.augment, spec, info.ignore_index)
     else:
@@ -560,9 +619,16 @@ def build_dataset(
         aliases = {cfg.train_split: "train", cfg.val_split: "val", "train": "train", "val": "val"}
         if name not in aliases:
             raise DataError(f"synthetic data has splits train and val only, got {split!r}")
-        return SyntheticDataset(info, transform, aliases[name], cfg)
+        return SyntheticDataset(info, transform, aliases[name], cfg, remap)
     root = _root(cfg)
-    if cfg.kind == "cityscapes":
+    dataset_cls = FileDataset
+    if cfg.kind in LAYOUT_KINDS:  # lists, cvat, labelme, ade20k: training/layouts.py
+        from training.labelme import LabelMeDataset
+        from training.layouts import layout_samples
+
+        samples, decode = layout_samples(cfg, root, name, info.ignore_index)
+        dataset_cls = LabelMeDataset if cfg.kind == "labelme" else FileDataset
+    elif cfg.kind == "cityscapes":
         samples = cityscapes_samples(root, name)
         decode = cityscapes_decoder(info.ignore_index)
     elif cfg.kind == "voc":
@@ -570,18 +636,11 @@ def build_dataset(
         hint = "VOC SegmentationClass masks are palette PNGs: use the original files."
         decode = index_decoder(len(VOC_CLASSES), VOC_IGNORE, info.ignore_index, hint)
     else:
-        classes = read_classes_yaml(root)
-        samples = folder_samples(root, name)
-        if classes.colours is None:
-            hint = "For RGB colour masks, list the class colours in classes.yaml 'colors'."
-            decode = index_decoder(
-                len(classes.names), classes.ignore_index, info.ignore_index, hint
-            )
-        else:
-            decode = colour_or_index_decoder(
-                classes.colours, classes.ignore_index, info.ignore_index, classes.ignore_colour
-            )
-    return FileDataset(info, transform, samples, decode)
+        from training.layouts import folder_decoder, folder_kind_samples  # SegNet, data.split
+
+        samples = folder_kind_samples(cfg, root, name) or folder_samples(root, name)
+        decode = folder_decoder(read_classes_yaml(root), info.ignore_index)
+    return dataset_cls(info, transform, samples, decode if remap is None else remap.wrap(decode))
 
 
 def segmentation_collate(

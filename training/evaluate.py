@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint on the validation split: metrics, per-class table, pictures.
+"""Evaluate a checkpoint on a split (default: validation): metrics, per-class table, pictures.
 
 The model sees exactly what serving would feed it (``handler.preprocessing``, the validation
 transform) and its logits are upsampled to each image's native size before the argmax, so the
@@ -7,7 +7,14 @@ training loop's ``val_miou`` may be measured at ``input_size`` and so differ sli
 
 Writes ``run_dir/eval/``: ``metrics.json``, ``per_class.md``, ``confusion_matrix.png``
 (row-normalised: each row shows where that class's pixels went) and ``overlays/*.png``
-(image | truth | prediction | errors, for ``eval.num_overlays`` evenly spaced samples).
+(image | truth | prediction | errors, titled, with a legend of the classes shown, upscaled
+with nearest neighbour to at least ``figures.MIN_PANEL_HEIGHT`` px, for ``eval.num_overlays``
+evenly spaced samples).
+
+``run_dir/eval/`` is the validation split's plain evaluation, the one the export and the
+archive manifest read. Another split, another copy of the data (``data_root``) or test-time
+augmentation / sliding windows (:mod:`training.inference`) write to their own folder,
+``run_dir/eval-<split>[-root-<name>][-<options>]/`` (:func:`eval_dir_name`).
 
 Example:
     >>> metrics = run_evaluation(Path("runs/default"))  # doctest: +SKIP
@@ -27,10 +34,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from handler.artifact import parse_metadata
 from handler.preprocessing import PreprocessSpec
+from training import figures
+from training.inference import InferenceOptions, segment_with_options
 from training.metrics import BoundaryF1, ConfusionMatrix, jsonable
 from training.predict import Model, segment
 
@@ -51,13 +59,15 @@ def overlay_indices(num_samples: int, num_overlays: int) -> list[int]:
     """Evenly spaced sample indices, first and last included.
 
     Example:
-        >>> overlay_indices(10, 4)
-        [0, 3, 6, 9]
+        >>> overlay_indices(10, 4), overlay_indices(10, 1)
+        ([0, 3, 6, 9], [0])
     """
     if num_overlays <= 0 or num_samples <= 0:
         return []
     if num_overlays >= num_samples:
         return list(range(num_samples))
+    if num_overlays == 1:
+        return [0]
     return sorted({round(i * (num_samples - 1) / (num_overlays - 1)) for i in range(num_overlays)})
 
 
@@ -92,6 +102,29 @@ def overlay_panel(
     grey[(pred != truth) & ~ignored] = ERROR_COLOUR
     grey[ignored] = IGNORE_COLOUR
     return np.concatenate([rgb, truth_rgb, pred_rgb, grey], axis=1)
+
+
+OVERLAY_TITLES = ("image", "ground truth", "prediction", "errors")
+
+
+def overlay_figure(
+    rgb: np.ndarray, truth: np.ndarray, pred: np.ndarray, target: EvalTarget
+) -> tuple[np.ndarray, list[figures.Box]]:
+    """:func:`overlay_panel`'s four panels as a figure a person can read: column titles, the
+    panels upscaled (nearest) to at least ``figures.MIN_PANEL_HEIGHT`` px, and a legend of the
+    classes in the truth or the prediction, the ignore colour and the error colour.
+
+    Returns (figure, the four panels' boxes ``(top, left, height, width)`` in it).
+    """
+    panel = overlay_panel(rgb, truth, pred, target)
+    w = rgb.shape[1]
+    panels = [panel[:, i * w : (i + 1) * w] for i in range(4)]
+    present = np.union1d(np.unique(truth[truth != target.ignore_index]), np.unique(pred))
+    entries = figures.class_legend(target.class_names, target.palette, present.tolist())
+    if bool((truth == target.ignore_index).any()):
+        entries.append(figures.LegendEntry(f"ignored ({target.ignore_index})", IGNORE_COLOUR))
+    entries.append(figures.LegendEntry("error (wrong class)", ERROR_COLOUR))
+    return figures.compose_row(panels, OVERLAY_TITLES, entries)
 
 
 def save_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: Path) -> None:
@@ -161,16 +194,22 @@ def evaluate_model(
     num_overlays: int = 4,
     batch_size: int = 8,
     device: str = "cpu",
+    options: InferenceOptions | None = None,
 ) -> dict[str, Any]:
     """Score ``model`` on every sample of ``dataset`` (anything with ``load_raw`` and ``len``).
 
     ``model`` is any ``Tensor -> Tensor`` callable (eager, TorchScript, an ONNX Runtime model
     from ``handler.runtime.load_model``). With ``out_dir`` None nothing is written (the
-    export's INT8 check scores models this way).
+    export's INT8 check scores models this way). ``options`` (TTA, sliding window) replaces
+    the serving path by :func:`training.inference.segment_with_options`; None or plain
+    options keep it.
     """
     n = len(dataset)
     if n == 0:
-        raise ValueError("the validation split is empty: nothing to evaluate")
+        raise ValueError("the split is empty: nothing to evaluate")
+    plain = options is None or options.is_plain
+    if not plain:
+        options.check_for(spec)
     num_classes = len(target.class_names)
     cm = ConfusionMatrix(num_classes, target.ignore_index)
     bf = BoundaryF1(num_classes, target.ignore_index, tolerance=boundary_tolerance)
@@ -182,7 +221,11 @@ def evaluate_model(
             old.unlink()
     for start in range(0, n, batch_size):
         samples = [dataset.load_raw(i) for i in range(start, min(start + batch_size, n))]
-        predictions = segment(model, [rgb for rgb, _, _ in samples], spec, device)
+        images = [rgb for rgb, _, _ in samples]
+        if plain:
+            predictions = segment(model, images, spec, device)
+        else:
+            predictions = segment_with_options(model, images, spec, options, device)
         for offset, ((rgb, truth, name), (pred, _)) in enumerate(
             zip(samples, predictions, strict=True)
         ):
@@ -190,8 +233,8 @@ def evaluate_model(
             cm.update(pred_t, truth_t)
             bf.update(pred_t, truth_t)
             if start + offset in chosen:
-                panel = overlay_panel(rgb, truth, pred, target)
-                Image.fromarray(panel).save(overlay_dir / f"{_file_stem(start + offset, name)}.png")
+                picture, _ = overlay_figure(rgb, truth, pred, target)
+                figures.save_png(picture, overlay_dir / f"{_file_stem(start + offset, name)}.png")
     metrics = cm.compute()
     metrics.update(
         boundary_f1=bf.compute(),
@@ -209,16 +252,68 @@ def evaluate_model(
     return metrics
 
 
-def run_evaluation(
-    run_dir: Path, checkpoint: Path | None = None, device: str = "cpu"
-) -> dict[str, Any]:
-    """Evaluate ``run_dir``'s checkpoint (default ``checkpoints/best.pt``) into ``run_dir/eval``.
+def eval_dir_name(
+    split: str = "val", data_root: Path | None = None, options: InferenceOptions | None = None
+) -> str:
+    """The output folder of an evaluation inside the run: ``eval`` for the plain validation
+    evaluation (the one export and the archive manifest read), else
+    ``eval-<split>[-root-<folder name>][-<options tag>]``.
 
-    Returns the metrics as written to ``eval/metrics.json`` (``nan`` → ``None``).
+    Example:
+        >>> eval_dir_name(), eval_dir_name("test"), eval_dir_name("val", Path("/data/copy2"))
+        ('eval', 'eval-test', 'eval-val-root-copy2')
+        >>> eval_dir_name("val", options=InferenceOptions(flip=True))
+        'eval-val-flip'
+    """
+    tag = options.tag if options is not None else ""
+    if split == "val" and data_root is None and not tag:
+        return "eval"
+    parts = [split]
+    if data_root is not None:
+        parts.append("root-" + (Path(data_root).expanduser().resolve().name or "root"))
+    if tag:
+        parts.append(tag)
+    return "eval-" + re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts))
+
+
+def _data_config(recipe: Any, data_root: Path | None) -> Any:
+    """The recipe's data section, pointed at ``data_root`` when given (same layout)."""
+    import dataclasses
+
+    from training.datasets import DataError
+
+    if data_root is None:
+        return recipe.data
+    if recipe.data.kind == "synthetic":
+        raise DataError(
+            f"--data-root {data_root}: this run trained on data.kind=synthetic, which has no "
+            "files to point elsewhere; drop --data-root"
+        )
+    root = Path(data_root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"--data-root {data_root}: not a folder; pass the copy's root folder")
+    return dataclasses.replace(recipe.data, root=str(root))
+
+
+def run_evaluation(
+    run_dir: Path,
+    checkpoint: Path | None = None,
+    device: str = "cpu",
+    split: str = "val",
+    data_root: Path | None = None,
+    options: InferenceOptions | None = None,
+    out_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``run_dir``'s checkpoint (default ``checkpoints/best.pt``) on ``split`` (any
+    split the dataset has; "train"/"val" are the recipe's) of the recipe's data, or of the
+    same layout under ``data_root``, with optional TTA / sliding window ``options``.
+
+    Writes ``out_dir`` (default ``run_dir/`` :func:`eval_dir_name`) and returns the metrics as
+    written to its ``metrics.json`` (``nan`` → ``None``).
     """
     from training.checkpoint import load_checkpoint
     from training.config import recipe_from_dict
-    from training.datasets import build_dataset
+    from training.datasets import DataError, build_dataset
     from training.model import model_from_checkpoint
 
     run_dir = Path(run_dir)
@@ -227,10 +322,25 @@ def run_evaluation(
     recipe = recipe_from_dict(ckpt["recipe"])
     meta = parse_metadata(ckpt["metadata"])
     spec = meta.preprocess
+    if options is not None:
+        options.check_for(spec)
     target = EvalTarget(meta.class_names, meta.palette, meta.ignore_index)
+    data = _data_config(recipe, data_root)
+    dataset = build_dataset(data, split, spec, train=False)
+    names = tuple(dataset.info.class_names)
+    if names != tuple(meta.class_names):
+        raise DataError(
+            f"{data.root}: its classes {list(names)} differ from the checkpoint's "
+            f"{list(meta.class_names)}; evaluate on data labelled with the model's classes"
+        )
     model = model_from_checkpoint(ckpt).to(device)
-    dataset = build_dataset(recipe.data, "val", spec, train=False)
-    out_dir = run_dir / "eval"
+    name = eval_dir_name(split, data_root, options)
+    out_dir = Path(out_dir) if out_dir else run_dir / name
+    if name != "eval" and out_dir.resolve() == (run_dir / "eval").resolve():
+        raise DataError(
+            f"--out {out_dir}: RUN_DIR/eval holds the plain validation evaluation that export and "
+            f"the archive manifest read; write this one elsewhere (default {run_dir / name})"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = evaluate_model(
         model,
@@ -242,9 +352,17 @@ def run_evaluation(
         num_overlays=recipe.eval.num_overlays,
         batch_size=recipe.data.batch_size,
         device=device,
+        options=options,
     )
+    resolved = {"train": recipe.data.train_split, "val": recipe.data.val_split}.get(split, split)
     result = jsonable(
-        {"checkpoint": str(checkpoint), "split": recipe.data.val_split, "epoch": ckpt.get("epoch")}
+        {
+            "checkpoint": str(checkpoint),
+            "split": resolved,
+            "epoch": ckpt.get("epoch"),
+            "data_root": data.root,
+            "inference": (options or InferenceOptions()).describe(),
+        }
         | metrics
     )
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -4,6 +4,10 @@ Every term ignores pixels labelled ``ignore_index`` (void borders, padding): smp
 Focal losses only do so when ``ignore_index`` is passed, otherwise Dice crashes on the
 one-hot of 255 and Focal silently counts those pixels as background.
 
+Imbalanced data: ``loss.class_weights`` weighs every term per class (a list, or a method
+computed from the training split by :mod:`training.class_weights`), and ``loss.ohem`` makes
+the CE term count only each batch's hard pixels (:func:`hard_pixel_mask`).
+
 Example:
     >>> from training.config import LossConfig
     >>> loss_fn = build_loss(LossConfig(ce=1.0, dice=0.5), num_classes=3, ignore_index=255)
@@ -17,12 +21,62 @@ Example:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from segmentation_models_pytorch.losses import DiceLoss, FocalLoss
 from torch import nn
 
-from training.config import ConfigError, LossConfig
+from training.config import ConfigError, LossConfig, OhemConfig
+
+# loss.ohem without threshold or keep_fraction: a pixel is hard below this true-class probability
+# (PSPNet/mmsegmentation's usual 0.7).
+DEFAULT_OHEM_THRESHOLD = 0.7
+
+
+def hard_pixel_mask(
+    true_prob: torch.Tensor,
+    valid: torch.Tensor,
+    threshold: float | None = DEFAULT_OHEM_THRESHOLD,
+    keep_fraction: float | None = None,
+    min_kept: int = 0,
+) -> torch.Tensor:
+    """OHEM's choice: which valid pixels count, from each pixel's true-class probability.
+
+    ``threshold``: the pixels whose probability is below it; ``keep_fraction``: that share of
+    the valid pixels, the least probable first. If fewer than ``min_kept`` are chosen, the
+    ``min_kept`` least probable valid pixels are (all valid pixels when there are fewer).
+    Ignored pixels (``valid`` False) are never chosen.
+
+    Example:
+        >>> p = torch.tensor([0.9, 0.2, 0.6, 0.05, 0.8])
+        >>> valid = torch.tensor([True, True, True, False, True])
+        >>> hard_pixel_mask(p, valid, threshold=0.7).tolist()
+        [False, True, True, False, False]
+        >>> hard_pixel_mask(p, valid, threshold=0.7, min_kept=3).tolist()
+        [False, True, True, False, True]
+        >>> hard_pixel_mask(p, valid, threshold=None, keep_fraction=0.25).tolist()
+        [False, True, False, False, False]
+    """
+    n_valid = int(valid.sum())
+    if keep_fraction is not None:
+        chosen = None
+        k = math.ceil(keep_fraction * n_valid)
+    else:
+        chosen = valid & (true_prob < (DEFAULT_OHEM_THRESHOLD if threshold is None else threshold))
+        k = int(chosen.sum())
+    k = min(max(k, min_kept), n_valid)
+    if chosen is not None and int(chosen.sum()) == k:
+        return chosen
+    if k == n_valid:
+        return valid.clone()
+    # The k least probable valid pixels (exactly k, whatever the ties).
+    flat = torch.where(valid, true_prob, torch.full_like(true_prob, float("inf"))).flatten()
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[torch.topk(flat, k, largest=False).indices] = True
+    return keep.view_as(valid)
 
 
 class SegmentationLoss(nn.Module):
@@ -35,14 +89,17 @@ class SegmentationLoss(nn.Module):
         ce: float = 1.0,
         dice: float = 0.0,
         focal: float = 0.0,
-        class_weights: list[float] | None = None,
+        class_weights: Sequence[float] | None = None,
         label_smoothing: float = 0.0,
+        ohem: OhemConfig | None = None,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.weights = {"ce": ce, "dice": dice, "focal": focal}
         self.label_smoothing = label_smoothing
+        self.ohem = ohem
+        class_weights = None if class_weights is None else [float(w) for w in class_weights]
         weight = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
         # A buffer follows .to(device) and is not a trainable parameter.
         self.register_buffer("class_weight", weight, persistent=False)
@@ -59,19 +116,45 @@ class SegmentationLoss(nn.Module):
             return {name: logits.sum() * 0.0 for name, w in self.weights.items() if w > 0}
         out: dict[str, torch.Tensor] = {}
         if self.weights["ce"] > 0:
-            ce = F.cross_entropy(
-                logits,
-                target,
-                weight=self.class_weight,
-                ignore_index=self.ignore_index,
-                label_smoothing=self.label_smoothing,
-            )
-            out["ce"] = self.weights["ce"] * ce
+            out["ce"] = self.weights["ce"] * self.cross_entropy(logits, target)
         if self.weights["dice"] > 0:
             out["dice"] = self.weights["dice"] * self.dice(logits, target)
         if self.weights["focal"] > 0:
             out["focal"] = self.weights["focal"] * self.focal(logits, target)
         return out
+
+    def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """CE over the valid pixels, or, with OHEM, over the hard ones only.
+
+        Both are torch's weighted mean, ``sum(w[y] * loss) / sum(w[y])`` over the pixels
+        counted, so OHEM keeping every valid pixel gives exactly the plain CE.
+        """
+        per_pixel = F.cross_entropy(
+            logits,
+            target,
+            weight=self.class_weight,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            reduction="mean" if self.ohem is None else "none",
+        )
+        if self.ohem is None:
+            return per_pixel
+        valid = target != self.ignore_index
+        safe = target.masked_fill(~valid, 0)
+        with torch.no_grad():  # the choice is not differentiated, only the kept pixels' loss
+            true_prob = logits.softmax(dim=1).gather(1, safe[:, None]).squeeze(1)
+            keep = hard_pixel_mask(
+                true_prob,
+                valid,
+                self.ohem.threshold,
+                self.ohem.keep_fraction,
+                self.ohem.min_kept,
+            )
+        pixel_weight = keep.to(per_pixel.dtype)
+        if self.class_weight is not None:
+            pixel_weight = pixel_weight * self.class_weight[safe]
+        # per_pixel already carries w[y]; divide by the kept weights, as torch's mean does.
+        return (per_pixel * keep).sum() / pixel_weight.sum().clamp_min(1e-12)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``logits`` ``(N, C, H, W)``, ``target`` ``(N, H, W)`` int64 → scalar loss."""
@@ -83,15 +166,33 @@ class SegmentationLoss(nn.Module):
         return torch.stack(list(self.terms(logits, target).values())).sum()
 
 
-def build_loss(cfg: LossConfig, num_classes: int, ignore_index: int) -> SegmentationLoss:
-    """The recipe's loss section → :class:`SegmentationLoss`, checking class weights' length."""
-    if cfg.class_weights is not None:
-        if len(cfg.class_weights) != num_classes:
+def build_loss(
+    cfg: LossConfig,
+    num_classes: int,
+    ignore_index: int,
+    class_weights: Sequence[float] | None = None,
+) -> SegmentationLoss:
+    """The recipe's loss section → :class:`SegmentationLoss`, checking class weights' length.
+
+    ``class_weights``: the weights a method in ``loss.class_weights`` (e.g. median_frequency)
+    computed from the training split (:func:`training.class_weights.resolve_class_weights`);
+    a list in the recipe is used as given.
+    """
+    if class_weights is None and isinstance(cfg.class_weights, str):
+        raise ConfigError(
+            f"loss.class_weights: {cfg.class_weights!r} is computed from the training split "
+            "when a run starts (training.class_weights.resolve_class_weights); pass its result "
+            "as class_weights"
+        )
+    if class_weights is None and cfg.class_weights is not None:
+        class_weights = list(cfg.class_weights)  # type: ignore[arg-type]
+    if class_weights is not None:
+        if len(class_weights) != num_classes:
             raise ConfigError(
-                f"loss.class_weights: {len(cfg.class_weights)} values for {num_classes} classes; "
+                f"loss.class_weights: {len(class_weights)} values for {num_classes} classes; "
                 "give one weight per class"
             )
-        if min(cfg.class_weights) < 0:
+        if min(class_weights) < 0:
             raise ConfigError("loss.class_weights: weights must be >= 0")
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise ConfigError(f"loss.label_smoothing: must be in [0, 1), got {cfg.label_smoothing}")
@@ -101,6 +202,7 @@ def build_loss(cfg: LossConfig, num_classes: int, ignore_index: int) -> Segmenta
         ce=cfg.ce,
         dice=cfg.dice,
         focal=cfg.focal,
-        class_weights=cfg.class_weights,
+        class_weights=class_weights,
         label_smoothing=cfg.label_smoothing,
+        ohem=cfg.ohem,
     )

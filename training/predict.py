@@ -4,6 +4,9 @@ as the TorchServe handler, so an offline mask equals a served one.
 Images are decoded by :func:`handler.imaging.decode_image` (EXIF orientation applied), prepared
 by :func:`handler.preprocessing.prepare_image`, batched by ``collate`` and turned back into
 full-resolution masks by ``logits_to_prediction``. Pure torch; CPU unless told otherwise.
+:func:`write_predictions` segments files or folders (``python -m training predict``) into
+class-id mask PNGs and overlays; test-time augmentation and sliding windows
+(:mod:`training.inference`) are opt-in there and never change :class:`Predictor`'s own path.
 
 Example:
     >>> predictor = Predictor.from_export(Path("runs/default/export"))  # doctest: +SKIP
@@ -14,16 +17,20 @@ Example:
 
 from __future__ import annotations
 
+import io
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from PIL import Image
 
 from handler.artifact import TORCHSCRIPT, MetadataError, ModelMetadata, runtime_export
 from handler.errors import InputError
-from handler.imaging import DEFAULT_MAX_PIXELS, decode_image
+from handler.imaging import DEFAULT_MAX_PIXELS, decode_image, encode_mask_png, encode_overlay
 from handler.preprocessing import (
     PreprocessSpec,
     collate,
@@ -34,6 +41,9 @@ from handler.preprocessing import (
 )
 from handler.runtime import load_model
 from training import export
+
+if TYPE_CHECKING:
+    from training.inference import InferenceOptions
 
 Prediction = tuple[np.ndarray, np.ndarray]
 Model = Callable[[torch.Tensor], torch.Tensor]
@@ -152,15 +162,114 @@ class Predictor:
                 )
         return segment(self.model, images, self.spec, self.device)
 
-    def predict_file(self, path: Path) -> Prediction:
-        """Decode an image file exactly as the handler decodes an upload, then predict."""
+    def read_image(self, path: Path) -> np.ndarray:
+        """Decode an image file exactly as the handler decodes an upload: RGB uint8."""
         path = Path(path)
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise PredictError(f"{path}: cannot read the image ({exc.strerror})") from None
         try:
-            rgb = decode_image(data, self.max_pixels)
+            return decode_image(data, self.max_pixels)
         except InputError as exc:
             raise PredictError(f"{path}: {exc.message}") from None
-        return self.predict(rgb)
+
+    def predict_file(self, path: Path) -> Prediction:
+        """Decode an image file exactly as the handler decodes an upload, then predict."""
+        return self.predict(self.read_image(path))
+
+
+def list_images(inputs: Sequence[Path]) -> list[Path]:
+    """Image files named by ``inputs``: files as given, folders' image files (by suffix, not
+    recursive) sorted by name. A missing path or a folder without images is a PredictError.
+
+    Example:
+        >>> list_images([Path("no/such/dir")])  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        PredictError: no/such/dir: no such file or folder; ...
+    """
+    from training.datasets import IMAGE_SUFFIXES
+
+    found: list[Path] = []
+    for path in map(Path, inputs):
+        if path.is_dir():
+            images = sorted(
+                p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not images:
+                raise PredictError(
+                    f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder "
+                    "(subfolders are not searched); pass the folder that holds them"
+                )
+            found += images
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise PredictError(f"{path}: no such file or folder; check --input")
+    return found
+
+
+@dataclass(frozen=True)
+class WrittenPrediction:
+    """One image's outputs: the class-id mask PNG, the overlay PNG, the mean confidence."""
+
+    source: Path
+    mask: Path
+    overlay: Path
+    mean_confidence: float
+
+
+def mask_png(mask: np.ndarray, palette: Sequence[Sequence[int]]) -> bytes:
+    """Class ids as PNG: a palette PNG (ids as pixel values, the dataset's colours for people)
+    up to 256 classes, else 16-bit greyscale as the server answers."""
+    if len(palette) > 256:
+        return encode_mask_png(mask, len(palette))
+    img = Image.fromarray(np.ascontiguousarray(mask.astype(np.uint8)), mode="P")
+    img.putpalette([c for rgb in palette for c in rgb])
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_predictions(
+    predictor: Predictor,
+    images: Sequence[Path],
+    out_dir: Path,
+    options: InferenceOptions | None = None,
+) -> list[WrittenPrediction]:
+    """Segment ``images`` into ``out_dir``: ``<stem>.png`` (class ids, see :func:`mask_png`)
+    and ``<stem>_overlay.png`` (the served ``overlay`` output's bytes for the same mask).
+
+    ``options`` (TTA, sliding window; :mod:`training.inference`) is opt-in: without it every
+    mask is ``predictor.predict_file``'s, the served mask bit for bit.
+    """
+    out_dir = Path(out_dir)
+    names: dict[str, Path] = {}
+    for path in images:
+        for name in (f"{path.stem}.png", f"{path.stem}_overlay.png"):
+            if name in names:
+                raise PredictError(
+                    f"{path}: its output {name} would overwrite that of {names[name]}; rename "
+                    "one of them or predict them into separate --out folders"
+                )
+            names[name] = path
+    if any(Path(p).parent.resolve() == out_dir.resolve() for p in images):
+        raise PredictError(f"{out_dir}: --out is the input folder itself; choose another folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    palette = predictor.metadata.palette
+    written = []
+    for path in map(Path, images):
+        rgb = predictor.read_image(path)
+        if options is None or options.is_plain:
+            mask, confidence = predictor.predict(rgb)
+        else:
+            from training.inference import segment_with_options
+
+            mask, confidence = segment_with_options(
+                predictor.model, [rgb], predictor.spec, options, predictor.device
+            )[0]
+        mask_path, overlay_path = out_dir / f"{path.stem}.png", out_dir / f"{path.stem}_overlay.png"
+        mask_path.write_bytes(mask_png(mask, palette))
+        overlay_path.write_bytes(encode_overlay(rgb, mask, palette, "PNG"))
+        written.append(WrittenPrediction(path, mask_path, overlay_path, float(confidence.mean())))
+    return written

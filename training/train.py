@@ -40,6 +40,7 @@ from training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from training.class_weights import resolve_class_weights
 from training.config import ConfigError, Recipe, save_recipe
 from training.losses import build_loss
 from training.metrics import ConfusionMatrix
@@ -453,6 +454,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     from tqdm.auto import tqdm
 
     from training.datasets import dataset_info
+    from training.splits import with_split_dir, write_split_lists
 
     run_dir = Path(run_dir)
     last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
@@ -461,6 +463,9 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
             f"{run_dir}: already holds a trained run ({last_path}); pass --resume to continue "
             "it or choose another --run-dir"
         )
+    # data.split: its lists live in RUN_DIR/splits (set before the resume check, which compares
+    # recipes); a resumed run reads the lists it drew, never a new draw.
+    recipe = with_split_dir(recipe, run_dir)
     resume_from = load_resumable(last_path, recipe) if resume else None  # fail before building
 
     rt = setup_runtime(recipe)
@@ -474,6 +479,8 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     info = dataset_info(recipe.data)
     spec = resolve_preprocess_spec(recipe)
     num_classes, ignore_index = len(info.class_names), recipe.data.ignore_index
+    if rt.is_main:
+        write_split_lists(recipe.data)  # other ranks draw the same split in memory meanwhile
     train_loader, val_loader = make_loaders(recipe, spec, rt)
 
     model = build_model(recipe.model, num_classes).to(rt.device)
@@ -488,7 +495,12 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
         scaler=torch.amp.GradScaler(rt.device.type, enabled=use_scaler),
         progress=Progress(),
     )
-    loss_fn = build_loss(recipe.loss, num_classes, ignore_index).to(rt.device)
+    # loss.class_weights: inverse / median_frequency are counted on the training masks, once.
+    class_weights = resolve_class_weights(
+        recipe.loss, train_loader.dataset, info.class_names, ignore_index,
+        run_dir if rt.is_main else None, rt.rank, rt.world_size, rt.device,
+    )  # fmt: skip
+    loss_fn = build_loss(recipe.loss, num_classes, ignore_index, class_weights).to(rt.device)
     history: list[dict[str, Any]] = []
     if resume_from is not None:
         trainer.load_state_dict(resume_from)

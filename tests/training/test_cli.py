@@ -90,7 +90,37 @@ def test_a_subcommand_is_required(capsys: pytest.CaptureFixture) -> None:
 
 def _folder_recipe(tmp_path: Path, root: Path) -> Path:
     data = TINY["data"] | {"kind": "folder", "root": str(root), "input_size": [32, 32]}
-    return write_recipe(tmp_path / "folder.yaml", TINY | {"data": data})
+    # output_dir in tmp_path: check-data writes its report to output_dir/check-data.
+    recipe = TINY | {"data": data, "output_dir": str(tmp_path / "run")}
+    return write_recipe(tmp_path / "folder.yaml", recipe)
+
+
+def test_evaluate_a_split_with_tta_from_the_command_line(tmp_path: Path, capsys) -> None:
+    import json
+
+    from training.config import recipe_from_dict
+
+    from .conftest import write_untrained_checkpoint
+
+    run_dir = tmp_path / "run"
+    write_untrained_checkpoint(recipe_from_dict(TINY), run_dir)
+    code = main(["evaluate", "--run-dir", str(run_dir), "--split", "train", "--tta", "flip",
+                 "--scales", "0.5,1"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0
+    out = run_dir / "eval-train-flip-scales0.5_1"
+    assert f"wrote {out}" in captured.err and not (run_dir / "eval").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "train" and metrics["num_images"] == 8
+    assert metrics["inference"]["flip"] is True and metrics["inference"]["scales"] == [0.5, 1.0]
+    assert '"miou"' in captured.out
+
+    assert main(["evaluate", "--run-dir", str(run_dir), "--scales", "big"]) == 2
+    assert "--scales 'big': expected comma-separated factors" in capsys.readouterr().err
+    assert main(["evaluate", "--run-dir", str(run_dir), "--split", "test"]) == 2
+    assert "synthetic data has splits train and val only" in capsys.readouterr().err
+    assert main(["evaluate", "--run-dir", str(run_dir), "--out", str(tmp_path / "mine")]) == 0
+    assert (tmp_path / "mine" / "metrics.json").is_file()
 
 
 def test_check_data_on_clean_data(tmp_path, folder_root, capsys) -> None:
@@ -98,6 +128,7 @@ def test_check_data_on_clean_data(tmp_path, folder_root, capsys) -> None:
     out = capsys.readouterr().out
     assert code == 0
     assert "folder data: train: 3 samples, val: 1 samples; 0 problem(s)" in out
+    assert f"{tmp_path / 'run' / 'check-data' / 'samples.png'}" in out  # the data report
 
 
 def test_check_data_lists_every_bad_file(tmp_path, folder_root, capsys) -> None:

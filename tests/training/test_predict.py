@@ -11,12 +11,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from handler.imaging import encode_overlay
 from handler.preprocessing import prepare_image, rgb_array_to_tensor
 from training.checkpoint import load_checkpoint
+from training.cli import main
 from training.config import recipe_from_dict
 from training.export import ExportError, export_run
+from training.inference import InferenceOptions, segment_with_options
 from training.model import model_from_checkpoint
-from training.predict import PredictError, Predictor
+from training.predict import PredictError, Predictor, list_images, write_predictions
 
 from .conftest import write_untrained_checkpoint
 
@@ -141,3 +144,89 @@ def test_a_runtime_the_export_lacks_says_how_to_export_it(run_dir: Path) -> None
     with pytest.raises(PredictError, match="runtime 'tensorrt' is not one of"):
         Predictor.from_export(run_dir / "export", runtime="tensorrt")
     assert Predictor.from_export(run_dir / "export", runtime="torchscript").runtime == "torchscript"
+
+
+@pytest.fixture
+def photo_folder(tmp_path: Path) -> Path:
+    """Two images of different sizes and formats, plus a file that is not an image."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(random_image(45, 61, seed=7)).save(folder / "a.png")
+    Image.fromarray(random_image(30, 80, seed=8)).save(folder / "b.jpg", quality=95)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "nested").mkdir()
+    return folder
+
+
+def test_predict_a_folder_writes_the_served_mask_and_overlay(
+    run_dir: Path, photo_folder: Path, tmp_path: Path
+) -> None:
+    predictor = Predictor.from_export(run_dir / "export")
+    images = list_images([photo_folder])
+    assert [p.name for p in images] == ["a.png", "b.jpg"]
+    written = write_predictions(predictor, images, tmp_path / "out")
+    palette = predictor.metadata.palette
+    for done in written:
+        want_mask, want_confidence = predictor.predict_file(done.source)  # the served reference
+        with Image.open(done.mask) as png:
+            assert png.mode == "P" and png.getpalette()[: 3 * NUM_CLASSES] == [
+                c for rgb in palette for c in rgb
+            ]
+            assert np.array_equal(np.asarray(png), want_mask)  # bit for bit
+        rgb = predictor.read_image(done.source)
+        assert done.overlay.read_bytes() == encode_overlay(rgb, want_mask, palette, "PNG")
+        assert done.mean_confidence == pytest.approx(float(want_confidence.mean()))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "a.png", "a_overlay.png", "b.png", "b_overlay.png"
+    ]  # fmt: skip
+
+
+def test_predict_with_tta_is_opt_in_and_separate(run_dir: Path, photo_folder: Path, tmp_path):
+    predictor = Predictor.from_export(run_dir / "export")
+    options = InferenceOptions(flip=True, scales=(0.75, 1.0))
+    image = photo_folder / "a.png"
+    (done,) = write_predictions(predictor, [image], tmp_path / "tta", options)
+    rgb = predictor.read_image(image)
+    want, _ = segment_with_options(predictor.model, [rgb], predictor.spec, options)[0]
+    with Image.open(done.mask) as png:
+        tta_mask = np.asarray(png)
+    assert np.array_equal(tta_mask, want)
+    assert not np.array_equal(tta_mask, predictor.predict(rgb)[0])  # really another path
+
+
+def test_predict_inputs_and_outputs_that_cannot_work(
+    run_dir: Path, photo_folder: Path, tmp_path: Path
+) -> None:
+    predictor = Predictor.from_export(run_dir / "export")
+    with pytest.raises(PredictError, match=r"missing: no such file or folder; check --input"):
+        list_images([tmp_path / "missing"])
+    with pytest.raises(PredictError, match=r"nested: no image files .*subfolders"):
+        list_images([photo_folder / "nested"])
+    Image.fromarray(random_image(8, 8, 0)).save(photo_folder / "a.jpg")
+    with pytest.raises(
+        PredictError, match=r"a\.png: its output a\.png would overwrite that of .*a\.jpg"
+    ):
+        write_predictions(predictor, list_images([photo_folder]), tmp_path / "out")
+    with pytest.raises(PredictError, match="--out is the input folder itself"):
+        write_predictions(predictor, [photo_folder / "b.jpg"], photo_folder)
+
+
+def test_predict_cli_on_a_run_folder(run_dir: Path, photo_folder: Path, tmp_path: Path, capsys):
+    out = tmp_path / "preds"
+    code = main(["predict", "--run-dir", str(run_dir), "--input", str(photo_folder),
+                 "--input", str(photo_folder / "b.jpg"), "--out", str(tmp_path / "x")])  # fmt: skip
+    assert code == 2  # b.jpg twice: its outputs would collide
+    assert "would overwrite" in capsys.readouterr().err
+    assert main(["predict", "--run-dir", str(run_dir), "--input", str(photo_folder),
+                 "--out", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert f"{photo_folder / 'a.png'} -> {out / 'a.png'} + a_overlay.png" in printed
+    with Image.open(out / "b.png") as png:
+        mask = np.asarray(png)
+    assert np.array_equal(mask, Predictor.from_export(run_dir / "export").predict_file(
+        photo_folder / "b.jpg")[0])  # fmt: skip
+    assert main(["predict", "--input", str(photo_folder), "--out", str(out)]) == 2
+    assert "either --run-dir RUN_DIR or --export-dir" in capsys.readouterr().err
+    assert main(["predict", "--run-dir", str(run_dir), "--input", str(photo_folder),
+                 "--out", str(out), "--window", "50x50"]) == 2  # fmt: skip
+    assert "--window 50x50: each side must be a multiple of 32" in capsys.readouterr().err

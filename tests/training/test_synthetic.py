@@ -8,7 +8,9 @@ from training.synthetic import (
     CLASS_NAMES,
     PALETTE,
     VAL_INDEX_OFFSET,
+    class_names,
     generate_scene,
+    palette,
     scene_index,
     write_samples,
 )
@@ -123,3 +125,94 @@ def test_write_samples_without_masks_writes_only_images(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train_0000.png", "train_0001.png"]
     rgb, _ = generate_scene(0, scene_index("train", 1), (32, 32))
     np.testing.assert_array_equal(np.asarray(Image.open(paths[1])), rgb)
+
+
+# --- the imbalanced mode ------------------------------------------------------------------------
+
+IMB = "imbalanced"
+
+
+def _imbalanced_stats(n: int, size=(128, 128)) -> tuple[np.ndarray, np.ndarray]:
+    names = class_names(IMB)
+    pixels = np.zeros(len(names), np.int64)
+    scenes = np.zeros(len(names), np.int64)
+    for i in range(n):
+        _, mask = generate_scene(0, i, size, IMB)
+        hist = np.bincount(mask.ravel(), minlength=len(names))
+        pixels += hist
+        scenes += hist > 0
+    return pixels / pixels.sum(), scenes / n
+
+
+def test_imbalanced_names_extend_the_default_ones():
+    names, colours = class_names(IMB), palette(IMB)
+    assert names[: len(CLASS_NAMES)] == CLASS_NAMES and names[len(CLASS_NAMES) :] == (
+        "pole", "cable", "beacon",
+    )  # fmt: skip
+    assert len(colours) == len(names) and len(set(colours)) == len(colours)
+    assert class_names() == CLASS_NAMES and palette() == PALETTE
+    with pytest.raises(ValueError, match="not one of"):
+        class_names("skewed")
+
+
+def test_imbalanced_mode_keeps_the_default_scene_underneath():
+    """Same objects and random stream; the extras are painted over them, nothing else moves."""
+    for i in range(6):
+        rgb, mask = generate_scene(0, i, (64, 64))
+        assert np.array_equal(generate_scene(0, i, (64, 64), "default")[1], mask)
+        imb_rgb, imb_mask = generate_scene(0, i, (64, 64), IMB)
+        untouched = imb_mask < len(CLASS_NAMES)
+        np.testing.assert_array_equal(imb_mask[untouched], mask[untouched])
+    a = generate_scene(4, 7, (64, 64), IMB)
+    b = generate_scene(4, 7, (64, 64), IMB)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_imbalanced_has_rare_and_thin_classes():
+    pixels, scenes = _imbalanced_stats(300)
+    pole, cable, beacon = (class_names(IMB).index(n) for n in ("pole", "cable", "beacon"))
+    assert 0.01 <= scenes[beacon] <= 0.10, scenes[beacon]  # a class in ~5 % of the scenes
+    assert 0 < pixels[beacon] < 0.001  # and well under 0.1 % of the pixels
+    assert 0.3 <= scenes[pole] <= 0.8 and 0.2 <= scenes[cable] <= 0.6
+    assert pixels[pole] < 0.03 and pixels[cable] < 0.015
+    assert (pixels[1 : len(CLASS_NAMES)] > 0.02).all(), "the common objects stay common"
+
+
+def _run_widths(region: np.ndarray, axis: int) -> list[int]:
+    """Lengths of the runs of True along ``axis`` (rows: axis=1)."""
+    lines = region if axis == 1 else region.T
+    widths = []
+    for line in lines:
+        padded = np.concatenate([[0], line.astype(np.int8), [0]])
+        edges = np.flatnonzero(np.diff(padded))
+        widths += (edges[1::2] - edges[::2]).tolist()
+    return widths
+
+
+def test_poles_and_cables_are_a_few_pixels_wide():
+    pole, cable = class_names(IMB).index("pole"), class_names(IMB).index("cable")
+    pole_widths, cable_heights = [], []
+    for i in range(40):
+        _, mask = generate_scene(0, i, (128, 128), IMB)
+        pole_widths += _run_widths(mask == pole, axis=1)  # across a near-vertical pole
+        cable_heights += _run_widths(mask == cable, axis=0)  # across a near-horizontal cable
+    assert len(pole_widths) > 100 and len(cable_heights) > 100
+    assert np.percentile(pole_widths, 90) <= 4, np.percentile(pole_widths, 90)
+    assert np.percentile(cable_heights, 90) <= 3, np.percentile(cable_heights, 90)
+
+
+def test_write_samples_in_imbalanced_mode_uses_its_palette(tmp_path):
+    write_samples(tmp_path, 1, size=(32, 32), split="train", with_masks=True, mode=IMB)
+    with Image.open(tmp_path / "masks" / "train_0000.png") as img:
+        assert img.getpalette()[-9:] == [c for rgb in palette(IMB)[-3:] for c in rgb]
+        np.testing.assert_array_equal(np.asarray(img), generate_scene(0, 0, (32, 32), IMB)[1])
+
+
+def test_the_recipe_selects_the_mode():
+    from training.config import ConfigError, recipe_from_dict
+    from training.datasets import dataset_info
+
+    recipe = recipe_from_dict({"data": {"synthetic": {"mode": IMB}}})
+    assert dataset_info(recipe.data).class_names == class_names(IMB)
+    with pytest.raises(ConfigError, match=r"data.synthetic.mode: 'rare' is not one of"):
+        recipe_from_dict({"data": {"synthetic": {"mode": "rare"}}})
