@@ -236,7 +236,21 @@ class PageDriver:
                     return candidate
             return None
 
-        self._wait(button, f"a button {names} in {scope}").click()
+        from selenium.common.exceptions import WebDriverException
+
+        def clicked() -> bool:
+            # The box re-renders while the camera starts: a button found a moment ago may be
+            # gone or covered; look again rather than fail.
+            try:
+                found = button()
+                if found is None:
+                    return False
+                found.click()
+                return True
+            except WebDriverException:
+                return False
+
+        self._wait(clicked, f"a button {names} in {scope}")
 
     def start_webcam(self) -> None:
         """Open the Webcam tab, grant the camera, start streaming frames."""
