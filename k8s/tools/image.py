@@ -8,8 +8,10 @@
    ``mmdebstrap --variant=minbase bookworm`` root filesystem (with the slim image's dpkg
    path exclusions), imported into buildah's store under that name, so ``--pull=never``
    builds without a registry;
-3. builds with vfs storage and chroot isolation (no overlay mounts, no user namespaces: works
-   inside an unprivileged container) into a store under the git-ignored ``.cache/containers``,
+3. builds with chroot isolation (no user namespaces) into a store under the git-ignored
+   ``.cache/containers``: overlay storage where the kernel lets this process mount an overlay
+   (root on a host or VM), else vfs (works inside an unprivileged container, but copies the
+   whole root filesystem for every container and layer); $SEGSERVE_STORAGE_DRIVER picks one;
    labelled with the digest of what the target uses (the Dockerfile's stages it builds on and
    the context files they copy), so an unchanged target is not rebuilt, and a change to one
    target (the page's code) does not rebuild another (the serving image).
@@ -18,8 +20,8 @@ It prints the build time and the image size. ``python k8s/tools/image.py push DE
 built image (e.g. ``docker://registry.example.com/segserve:0.1.0``) with ``buildah push``.
 
 Example:
-    >>> storage_options(Path("/s"))[:2]
-    ['--storage-driver', 'vfs']
+    >>> storage_options(Path("/s"), driver="vfs")
+    ['--storage-driver', 'vfs', '--root', '/s/storage', '--runroot', '/s/run']
     >>> [s.name for s in stage_chain("ui")]
     ['ui-build', 'ui']
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import functools
 import hashlib
 import json
 import os
@@ -48,6 +51,12 @@ DEFAULT_TAG = "localhost/segserve:dev"
 TARGETS = {"serve": DEFAULT_TAG, "baked": DEFAULT_TAG, "ui": "localhost/segserve-ui:dev"}
 BASE_SUITE = "bookworm"
 CONTEXT_LABEL = "io.segserve.context-sha256"
+# Free disk (GB) a build needs where the store lies. Measured: the serving image's one RUN holds
+# its ~6 GB venv three times while it is committed (the container, the layer's blob, the new
+# layer): 21 GB above the start at the peak; the page's image is under 1 GB.
+DISK_NEEDED_GB = {"serve": 24, "baked": 24, "ui": 4}
+# Store folders (root, runroot) per storage driver; vfs keeps the folders it always had.
+STORAGE_ROOTS = {"vfs": ("storage", "run"), "overlay": ("overlay", "overlay-run")}
 PACKAGES = {"buildah": "buildah", "mmdebstrap": "mmdebstrap"}
 # What debian:bookworm-slim leaves out (its dpkg.cfg.d/docker): documentation and locales.
 SLIM_EXCLUDES = (
@@ -74,15 +83,53 @@ class Built:
     build_seconds: float
 
 
-def storage_options(store: Path = STORE) -> list[str]:
-    """buildah's global options for the project's own vfs store."""
+def overlay_mounts_work(scratch: Path) -> bool:
+    """Whether this process may mount a kernel overlay filesystem on ``scratch``'s disk."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="overlay-probe-", dir=scratch) as tmp:
+        lower, upper, work, merged = (Path(tmp) / n for n in ("lower", "upper", "work", "merged"))
+        for folder in (lower, upper, work, merged):
+            folder.mkdir()
+        options = f"lowerdir={lower},upperdir={upper},workdir={work}"
+        cmd = ["mount", "-t", "overlay", "overlay", "-o", options, str(merged)]
+        if subprocess.run(cmd, capture_output=True, check=False).returncode != 0:
+            return False
+        subprocess.run(["umount", str(merged)], capture_output=True, check=False)
+        return True
+
+
+@functools.cache
+def storage_driver(store: Path = STORE) -> str:
+    """``overlay`` where the kernel allows it here, else ``vfs``; $SEGSERVE_STORAGE_DRIVER wins.
+
+    vfs keeps every layer and container as a full copy of the root filesystem: the serving
+    image (6 GB of venv) then needs several times its size free while it builds, and each
+    ``buildah from`` of it copies it again.
+    """
+    named = os.environ.get("SEGSERVE_STORAGE_DRIVER", "").strip()
+    if named:
+        if named not in STORAGE_ROOTS:
+            raise ImageError(
+                f"SEGSERVE_STORAGE_DRIVER={named!r}: choose one of {sorted(STORAGE_ROOTS)}"
+            )
+        return named
+    return "overlay" if overlay_mounts_work(store) else "vfs"
+
+
+def storage_options(store: Path = STORE, driver: str | None = None) -> list[str]:
+    """buildah's global options for the project's own store (one folder per driver: a store
+    made by one driver cannot be opened by another)."""
+    driver = driver or storage_driver(store)
+    root, runroot = STORAGE_ROOTS[driver]
     return [
         "--storage-driver",
-        "vfs",
+        driver,
         "--root",
-        str(store / "storage"),
+        str(store / root),
         "--runroot",
-        str(store / "run"),
+        str(store / runroot),
     ]
 
 
@@ -109,6 +156,33 @@ def ensure_tools() -> None:
     for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *missing]):
         if subprocess.run(cmd, env=env, check=False).returncode != 0:
             raise ImageError(f"`{' '.join(cmd)}` failed: install {' '.join(missing)} by hand")
+
+
+def disk_shortfall(target: str, free_gb: float, store: Path = STORE) -> str | None:
+    """What to say when ``free_gb`` on the store's disk is too little to build ``target``.
+
+    >>> disk_shortfall("ui", 50.0) is None
+    True
+    >>> print(disk_shortfall("serve", 9.5, Path("/s")))  # doctest: +ELLIPSIS
+    building 'serve' needs about 24 GB free on the disk of /s; 9.5 GB are free. Free some: ...
+    """
+    need_gb = DISK_NEEDED_GB.get(target, max(DISK_NEEDED_GB.values()))
+    if free_gb >= need_gb:
+        return None
+    return (
+        f"building {target!r} needs about {need_gb} GB free on the disk of {store}; "
+        f"{free_gb:.1f} GB are free. Free some: old images with `buildah --root "
+        f"{store}/<driver folder> rmi --prune`, or the whole store: rm -rf {store}"
+    )
+
+
+def check_disk(target: str, store: Path = STORE) -> None:
+    """ImageError before a build that would run out of disk minutes in (buildah then stops
+    with "no space left on device" somewhere in a layer)."""
+    store.mkdir(parents=True, exist_ok=True)
+    message = disk_shortfall(target, shutil.disk_usage(store).free / 1e9, store)
+    if message:
+        raise ImageError(message)
 
 
 def image_exists(ref: str, store: Path = STORE) -> bool:
@@ -310,6 +384,7 @@ def build(
     if not rebuild and image_exists(tag, store):
         if inspect(tag, store)["OCIv1"]["config"].get("Labels", {}).get(CONTEXT_LABEL) == digest:
             return built(tag, 0.0, store)
+    check_disk(target, store)
     ensure_base(base_image_name(), store)
     secrets = [f"--secret=id=pip_ca,src={ca}" for ca in [pip_ca_bundle()] if ca]
     start = time.monotonic()

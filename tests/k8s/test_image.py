@@ -1,6 +1,6 @@
 """The serving image, built here without a Docker daemon, runs the pod as the manifests say.
 
-``k8s/tools/image.py`` builds k8s/Dockerfile with buildah (vfs storage, chroot isolation) on a
+``k8s/tools/image.py`` builds k8s/Dockerfile with buildah (chroot isolation) on a
 ``debian:bookworm-slim`` made by mmdebstrap. Then the rendered cpu overlay's pod runs inside
 it: the fetch-model init container's exact command downloads the archive from a local HTTPS
 server and verifies its pin, TorchServe starts with the torchserve container's exact command,
