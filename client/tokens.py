@@ -44,6 +44,15 @@ def read_key_file(path: Path, kind: str) -> str:
         ) from None
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigurationError(f"key file {path} is not readable JSON: {exc}") from None
+    return key_from_key_file(data, path, kind)
+
+
+def key_from_key_file(data: object, path: Path, kind: str) -> str:
+    """The ``kind`` key of a key file's parsed JSON ``data`` (read from ``path``).
+
+    >>> key_from_key_file({"inference": {"key": "k1"}}, Path("key_file.json"), "inference")
+    'k1'
+    """
     entry = data.get(kind) if isinstance(data, dict) else None
     key = entry.get("key") if isinstance(entry, dict) else None
     if not isinstance(key, str) or not key:

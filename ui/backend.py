@@ -27,7 +27,7 @@ from client.grpc_client import GrpcClient
 from client.outputs import Prediction
 from client.rest import RestClient
 from client.retry import RetryPolicy
-from client.tokens import read_key_file, resolve_token
+from client.tokens import key_from_key_file, resolve_token
 from ui.answer import AnswerError, Segmentation, parse_answer
 from ui.config import PageConfig
 
@@ -62,11 +62,11 @@ def read_token_file(path: Path) -> str:
         raise ConfigurationError(f"token file {path} is not readable: {exc}") from None
     if text.startswith("{"):
         try:
-            json.loads(text)
+            data = json.loads(text)
         except ValueError:
             pass
         else:
-            return read_key_file(path, "inference")
+            return key_from_key_file(data, path, "inference")
     if not text or any(ch.isspace() for ch in text):
         raise ConfigurationError(
             f"token file {path} must hold one token (no spaces), or be TorchServe's key_file.json"

@@ -29,6 +29,8 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import fnmatch
 import functools
 import hashlib
@@ -39,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -380,6 +383,22 @@ def build(
     the same context exists."""
     tag = tag or TARGETS[target]
     ensure_tools()
+    # One build at a time per store: a second caller (the image tests while the build their
+    # conftest started in the background runs) waits, then finds the image up to date.
+    with build_lock(store):
+        return _build_unlocked(tag, target, store, rebuild)
+
+
+@contextlib.contextmanager
+def build_lock(store: Path = STORE) -> Iterator[None]:
+    """An exclusive lock on the store's builds (released when the holder exits, even killed)."""
+    store.mkdir(parents=True, exist_ok=True)
+    with open(store / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _build_unlocked(tag: str, target: str, store: Path, rebuild: bool) -> Built:
     digest = context_digest(REPO, target)
     if not rebuild and image_exists(tag, store):
         if inspect(tag, store)["OCIv1"]["config"].get("Labels", {}).get(CONTEXT_LABEL) == digest:
@@ -415,7 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     build_cmd = sub.add_parser("build", help="build (or reuse) the image")
     build_cmd.add_argument("--tag", help="default: per target, " + str(TARGETS))
-    build_cmd.add_argument("--target", default="serve", choices=sorted(TARGETS))
+    build_cmd.add_argument(
+        "--target", action="append", choices=sorted(TARGETS), help="default: serve; repeatable"
+    )
     build_cmd.add_argument(
         "--rebuild", action="store_true", help="even if the context is unchanged"
     )
@@ -432,12 +453,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "push":
             buildah("push", args.tag or TARGETS[args.target], args.dest, capture=False)
             return 0
-        image = build(args.tag, args.target, rebuild=args.rebuild)
+        targets = args.target or ["serve"]
+        if args.tag and len(targets) > 1:
+            parser.error("--tag names one image: give one --target with it")
+        for target in targets:
+            image = build(args.tag, target, rebuild=args.rebuild)
+            how = f"built in {image.build_seconds:.0f} s" if image.build_seconds else "up to date"
+            size = f"{image.size_bytes / 2**30:.2f} GiB"
+            print(f"image: {image.tag} ({size}, {image.image_id[:12]}) {how}", flush=True)
     except ImageError as exc:
         print(f"image: error: {exc}", file=sys.stderr)
         return 1
-    how = f"built in {image.build_seconds:.0f} s" if image.build_seconds else "up to date"
-    print(f"image: {image.tag} ({image.size_bytes / 2**30:.2f} GiB, {image.image_id[:12]}) {how}")
     return 0
 
 
