@@ -27,7 +27,7 @@ PROCESSES   ?= 1
 SLO_P95_MS  ?= 300
 SLO_ERROR_RATE ?= 0.01
 
-.PHONY: help install train train-ddp evaluate export archive serve stop demo ui ui-tools ui-shot test test-fast lint bench loadtest soak chaos k8s-tools k8s-sync k8s-validate k8s-deploy image image-ui image-tools clean
+.PHONY: help install train train-ddp evaluate export card archive serve stop demo ui ui-tools ui-shot mlflow-ui test test-fast lint bench loadtest soak chaos k8s-tools k8s-sync k8s-validate k8s-deploy image image-ui image-tools clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -47,6 +47,10 @@ CKPT    := $(RUN_DIR)/checkpoints/best.pt
 EXPORT  := $(RUN_DIR)/export/model.pt
 MAR     := model_archives/$(MODEL_NAME).mar
 SAMPLES := $(RUN_DIR)/samples
+CARD    := $(RUN_DIR)/MODEL_CARD.md
+# What the card is made of (those that exist): newer than the card means the card is stale.
+CARD_INPUTS = $(wildcard $(RUN_DIR)/export/metadata.json $(RUN_DIR)/checkpoints/best.pt \
+	$(RUN_DIR)/eval/metrics.json $(RUN_DIR)/metrics.jsonl)
 
 train: install ## train the recipe CONFIG (default: the embedded synthetic dataset) into RUN_DIR
 	$(PY) -m training train --config $(CONFIG) --run-dir $(RUN_DIR) $(ARGS)
@@ -61,8 +65,12 @@ evaluate: install ## evaluate RUN_DIR's best checkpoint: per-class table, confus
 export: install ## export RUN_DIR's best checkpoint, parity-checked per runtime (RUNTIMES=torchscript,onnx,onnx_int8)
 	$(PY) -m training export --run-dir $(RUN_DIR) $(if $(RUNTIMES),--runtimes $(RUNTIMES))
 
-archive: install ## pack RUN_DIR/export's RUNTIME (default auto) into model_archives/$(MODEL_NAME).mar (+ manifest)
+card: install ## write RUN_DIR/MODEL_CARD.md: use, data, classes, metrics, input policy, latency, limitations, recipe
+	$(PY) -m training card --run-dir $(RUN_DIR)
+
+archive: install $(CARD) ## pack RUN_DIR/export's RUNTIME (default auto) + MODEL_CARD.md into model_archives/$(MODEL_NAME).mar (+ manifest)
 	$(PY) -m serving.archive --export-dir $(RUN_DIR)/export --model-name $(MODEL_NAME) --runtime $(RUNTIME) \
+		--model-card $(CARD) \
 		--version $(MODEL_VERSION) --batch-size $(BATCH_SIZE) --max-batch-delay $(MAX_BATCH_DELAY) \
 		$(if $(WORKERS),--min-workers $(WORKERS)) $(if $(THREADS),--threads $(THREADS)) \
 		--out-dir model_archives
@@ -75,6 +83,8 @@ $(EXPORT): $(CKPT) $(RUN_DIR)/eval/metrics.json
 	$(PY) -m training export --run-dir $(RUN_DIR) $(if $(RUNTIMES),--runtimes $(RUNTIMES))
 $(MAR): $(EXPORT)
 	$(MAKE) --no-print-directory archive
+$(CARD): $(CARD_INPUTS) | install
+	$(PY) -m training card --run-dir $(RUN_DIR)
 $(SAMPLES): | install
 	$(PY) -m training samples --out-dir $(SAMPLES) -n 4 --size 240 320
 
@@ -106,6 +116,18 @@ ui-tools: install ## install Chromium + its matching chromedriver from the distr
 
 ui-shot: $(MAR) $(SAMPLES) ui-tools ## screenshot of the page segmenting a sample (own TorchServe + page) into docs/ui.png
 	$(PY) -m ui.shot --config config.properties --samples $(SAMPLES) --out docs/ui.png
+
+# make mlflow-ui: the local tracking store every training run logs to (training/tracking.py);
+# no job runner (MLflow's GenAI jobs: six more processes on these cores, not needed to browse)
+MLFLOW_STORE ?= runs/mlruns
+MLFLOW_PORT ?= 5000
+mlflow-ui: install ## MLflow's web UI on the local tracking store MLFLOW_STORE (MLFLOW_PORT); prints its URL
+	@mkdir -p $(MLFLOW_STORE)/artifacts
+	@echo "MLflow UI on $(MLFLOW_STORE): http://127.0.0.1:$(MLFLOW_PORT)/  (Ctrl-C stops it)"
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath $(MLFLOW_STORE))/mlflow.db \
+		--default-artifact-root $(abspath $(MLFLOW_STORE))/artifacts \
+		--host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
 test: install k8s-tools image-tools ui-tools ## run the whole test suite (installs first when needed; builds the serving and web page images)
 	$(PY) -m pytest

@@ -33,6 +33,9 @@ from handler.preprocessing import PreprocessSpec
 SCHEMA_VERSION = 1
 MODEL_FILE = "model.pt"
 METADATA_FILE = "metadata.json"
+# The run's model card (training/card.py writes it, serving/archive.py packs it beside the
+# metadata); the handler never reads it.
+MODEL_CARD_FILE = "MODEL_CARD.md"
 
 # The runtimes an export can carry and the file each one's model is in (docs/architecture.md
 # "Runtimes"). TorchScript is always there: it embeds the metadata and is the fp32 reference.

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +150,29 @@ def load_model(
         return load_scripted_model(path, device)
     assert runtime in (ONNX, ONNX_INT8)
     return OrtModel(ort_session(path, device, threads), device, runtime)
+
+
+def time_runtimes(
+    paths: Mapping[str, Path], input_size: tuple[int, int], device: str, forwards: int
+) -> dict[str, float]:
+    """Median milliseconds of ``forwards`` batch-1 forwards per runtime, in-process, through
+    the handler's loader (``handler.runtime.load_model``). Two warm-up forwards each, then the
+    runtimes take turns, so a passing load on the machine slows them all alike. The archiver's
+    ``--runtime auto`` and the model card (``training/card.py``) time with it."""
+    threads = torch.get_num_threads()
+    models = {name: load_model(path, name, device, threads=threads) for name, path in paths.items()}
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, *input_size, generator=generator).to(device)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():
+            model(x)
+            model(x)
+        for _ in range(forwards):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(x)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times[name].append((time.perf_counter() - start) * 1000)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}

@@ -10,6 +10,7 @@ Inside the archive (what TorchServe extracts into the model dir, which is on the
     model.pt | model.onnx | model.int8.onnx
                              the chosen runtime's model file only (MANIFEST's serializedFile)
     metadata.json            classes, palette, preprocessing (read by the handler)
+    MODEL_CARD.md            the run's model card (``--model-card``; ``python -m training card``)
     model-config.yaml        workers, batching, timeouts, device, handler switches (``runtime``)
     MAR-INF/MANIFEST.json
 
@@ -22,7 +23,8 @@ into the manifest.
 Next to it, ``<name>.manifest.json``: sha256 of the .mar, name, version, metrics from the
 metadata, source checkpoint, creation time, torch/TorchServe versions, and ``runtime``: its
 name, file, parity figures (INT8: argmax agreement, val mIoU and the measured ``miou_drop``)
-and how it was chosen.
+and how it was chosen; ``model_card``: the packed card's path in the archive and sha256 (null
+when none was packed).
 
 Self-contained: nothing from ``training/`` is imported or packed.
 
@@ -44,7 +46,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
@@ -55,6 +56,7 @@ import yaml
 
 from handler.artifact import (
     METADATA_FILE,
+    MODEL_CARD_FILE,
     MODEL_FILE,
     RUNTIMES,
     TORCHSCRIPT,
@@ -214,43 +216,15 @@ def timing_device(options: ArchiveOptions) -> str:
     return "cuda" if options.device_type == "gpu" and torch.cuda.is_available() else "cpu"
 
 
-def time_runtimes(
-    paths: dict[str, Path], input_size: tuple[int, int], device: str, forwards: int
-) -> dict[str, float]:
-    """Median milliseconds of ``forwards`` batch-1 forwards per runtime, in-process, through
-    the handler's loader (``handler.runtime.load_model``). Two warm-up forwards each, then the
-    runtimes take turns, so a passing load on the machine slows them all alike."""
-    import torch
-
-    from handler.runtime import load_model
-
-    threads = torch.get_num_threads()
-    models = {name: load_model(path, name, device, threads=threads) for name, path in paths.items()}
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 3, *input_size, generator=generator).to(device)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():
-        for model in models.values():
-            model(x)
-            model(x)
-        for _ in range(forwards):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(x)
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                times[name].append((time.perf_counter() - start) * 1000)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-
-
 def choose_runtime(
     export_dir: Path, meta: ModelMetadata, options: ArchiveOptions
 ) -> tuple[str, Path, dict[str, Any]]:
     """(runtime, its model file, how it was chosen) for ``options.runtime``.
 
     ``auto``: the runtimes the export lists whose file is there and whose check passed are
-    timed (:func:`time_runtimes`) and the fastest wins; with one candidate nothing is timed;
-    with none (an export without parity figures) it is TorchScript, as before runtimes existed.
+    timed (``handler.runtime.time_runtimes``) and the fastest wins; with one candidate nothing
+    is timed; with none (an export without parity figures) it is TorchScript, as before
+    runtimes existed.
     """
     if options.runtime != AUTO:
         path = runtime_model_file(export_dir, meta, options.runtime)
@@ -266,6 +240,8 @@ def choose_runtime(
         chosen = next(iter(candidates), TORCHSCRIPT)
         selection["reason"] = "the only runtime in the export that passed its check"
         return chosen, runtime_model_file(export_dir, meta, chosen), selection
+    from handler.runtime import time_runtimes
+
     device = timing_device(options)
     size = meta.preprocess.input_size
     timed = time_runtimes(candidates, size, device, TIMED_FORWARDS)
@@ -329,9 +305,11 @@ def write_manifest(
     version: str,
     config: dict,
     selection: dict[str, Any] | None = None,
+    model_card: Path | None = None,
 ) -> Path:
     """``<name>.manifest.json`` next to the .mar: what it is, where it came from, which runtime
-    (with its parity figures and, for INT8, the measured mIoU drop) and how it was chosen."""
+    (with its parity figures and, for INT8, the measured mIoU drop) and how it was chosen, and
+    the model card packed with it (``model_card``: the file staged into the archive)."""
     import torch
 
     manifest = {
@@ -352,6 +330,13 @@ def write_manifest(
         },
         "model_config": config,
         "runtime": _runtime_record(meta, config, selection),
+        "model_card": None
+        if model_card is None
+        else {
+            "path": MODEL_CARD_FILE,
+            "sha256": _sha256(model_card),
+            "size_bytes": model_card.stat().st_size,
+        },
         "versions": {
             "torch": torch.__version__,
             "torchserve": _package_version("torchserve"),
@@ -371,9 +356,22 @@ def _runtime_record(
     return {"name": name, **runtime_export(meta, name).to_dict(), **(selection or {})}
 
 
-def build_archive(export_dir: str | Path, out_dir: str | Path, options: ArchiveOptions) -> Path:
-    """Build ``out_dir/<name>.mar`` (atomically replaced) + manifest; returns the .mar path."""
+def build_archive(
+    export_dir: str | Path,
+    out_dir: str | Path,
+    options: ArchiveOptions,
+    model_card: str | Path | None = None,
+) -> Path:
+    """Build ``out_dir/<name>.mar`` (atomically replaced) + manifest; returns the .mar path.
+
+    ``model_card``: a Markdown file packed as ``MODEL_CARD.md`` and named in the manifest.
+    """
     options.validate()
+    if model_card is not None and not Path(model_card).is_file():
+        raise ArchiveError(
+            f"--model-card {model_card}: no such file; write it with `python -m training card "
+            "--run-dir RUN_DIR` (`make card`), or leave --model-card out"
+        )
     model_pt, meta = check_export_dir(Path(export_dir))
     runtime, model_file, selection = choose_runtime(Path(export_dir), meta, options)
     options = replace(options, runtime=runtime)
@@ -386,6 +384,11 @@ def build_archive(export_dir: str | Path, out_dir: str | Path, options: ArchiveO
         stage = tmp / "extra"
         _stage_handler(stage)
         shutil.copy2(model_pt.with_name(METADATA_FILE), stage / METADATA_FILE)
+        card = None
+        if model_card is not None:
+            # The staged copy is what gets packed and hashed: the card cannot change in between.
+            card = stage / MODEL_CARD_FILE
+            shutil.copy2(model_card, card)
         config_file = tmp / "model-config.yaml"
         config_file.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         built = tmp / "out"
@@ -405,7 +408,7 @@ def build_archive(export_dir: str | Path, out_dir: str | Path, options: ArchiveO
         )  # fmt: skip
         mar = out_dir / f"{options.model_name}.mar"
         os.replace(built / mar.name, mar)
-    write_manifest(mar, options, meta, version, config, selection)
+        write_manifest(mar, options, meta, version, config, selection, card)
     return mar
 
 
@@ -431,6 +434,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="decode limit per image")
     p.add_argument("--cuda-half", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--cuda-channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument(
+        "--model-card",
+        type=Path,
+        default=None,
+        help="a model card (python -m training card) to pack as MODEL_CARD.md",
+    )
     p.add_argument(
         "--runtime",
         default=d.runtime,
@@ -459,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         runtime=args.runtime,
     )
     try:
-        mar = build_archive(args.export_dir, args.out_dir, options)
+        mar = build_archive(args.export_dir, args.out_dir, options, args.model_card)
     except ArchiveError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

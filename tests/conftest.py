@@ -9,6 +9,7 @@
 * ``torchserve_factory`` start more servers (e.g. other batch settings), stopped at the end.
 * ``free_port()``   a free TCP port.
 * ``make_export``   factory ``make_export(out_dir, **overrides) -> Path`` for variants.
+* ``_mlflow_store``  (autouse) $MLFLOW_TRACKING_URI set to a session SQLite store.
 """
 
 from __future__ import annotations
@@ -32,6 +33,17 @@ TINY_PALETTE = [[0, 0, 0], [128, 64, 128], [70, 70, 70], [70, 130, 180]]
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
     return _free_port()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _mlflow_store(tmp_path_factory):
+    """Training tracks to MLflow by default (training/tracking.py): the suite's runs go to a
+    SQLite store of its own (subprocesses inherit the variable), never to the checkout's
+    runs/mlruns nor to a server a developer's shell points at."""
+    uri = "sqlite:///" + str(tmp_path_factory.mktemp("mlruns") / "mlflow.db")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        yield uri
 
 
 def tiny_metadata(num_classes: int = 4, input_size=(64, 64), resize_policy="resize"):

@@ -65,6 +65,8 @@ VENV_PROVIDED = {"pip"}
 NOT_IMPORTED = {
     "torchvision": "smp requires it unpinned; pinned to match the torch pin",
     "onnx": "torch.onnx.export (training/export.py --onnx) needs it",
+    "sqlalchemy": "mlflow-skinny's SQLite tracking store (training/tracking.py) needs it",
+    "alembic": "mlflow-skinny's SQLite tracking store creates its tables with it",
     "pytest-timeout": "pytest plugin",
     "ruff": "make lint",
 }

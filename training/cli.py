@@ -13,6 +13,9 @@ Example:
     $ python -m training evaluate --run-dir runs/default --split test --tta flip --scales 0.75,1
     $ python -m training predict --run-dir runs/default --input photos/ --out preds
     $ python -m training check-data --config configs/cityscapes.yaml --out reports/cityscapes
+    $ python -m training sweep --config configs/default.yaml --grid model.arch=Unet,FPN \\
+          --grid optim.lr=1e-3,3e-4 --budget-minutes 60 --promote BEST
+    $ python -m training card --run-dir runs/default
 """
 
 from __future__ import annotations
@@ -33,12 +36,13 @@ EXIT_USER_ERROR = 2
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is the whole story: print it, no traceback."""
     from handler.artifact import MetadataError
+    from training.card import CardError
     from training.checkpoint import CheckpointError
     from training.datasets import DataError
     from training.inference import InferenceError
 
     errors: list[type[BaseException]] = [
-        ConfigError, DataError, CheckpointError, MetadataError, InferenceError
+        ConfigError, DataError, CheckpointError, MetadataError, InferenceError, CardError
     ]  # fmt: skip
     try:
         from training.predict import PredictError
@@ -61,13 +65,37 @@ def _print_json(data: Any) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from training.train import train
 
-    recipe = load_recipe(args.config, args.set)
+    recipe = load_recipe(args.config, args.set + _track_sets(args))
     run_dir = Path(args.run_dir or recipe.output_dir)
     summary = train(recipe, run_dir, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         summary = {k: v for k, v in summary.items() if k != "final"}
         _print_json(summary)
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from training.sweep import DONE, PENDING, SweepOptions, default_sweep_dir, promote, run_sweep
+
+    options = SweepOptions(
+        search=args.search,
+        trials=args.trials,
+        budget_minutes=args.budget_minutes,
+        seed=args.seed,
+        latency_runs=args.latency_runs,
+        latency_threads=args.latency_threads,
+        remeasure=args.remeasure,
+    )
+    sweep_dir = Path(args.sweep_dir) if args.sweep_dir else None
+    sets = args.set + _track_sets(args)
+    state = run_sweep(Path(args.config), args.grid, sets, args.name, sweep_dir, options)
+    if args.promote:
+        folder = sweep_dir or default_sweep_dir(state.name)
+        promote(folder, args.promote, args.promote_as, Path(args.configs_dir), args.force)
+    failed = [t.name for t in state.trials if t.status not in (DONE, PENDING)]
+    if failed:
+        print(f"{len(failed)} trial(s) did not finish: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -186,6 +214,21 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 # --- parser --------------------------------------------------------------------------------------
 
 
+def cmd_card(args: argparse.Namespace) -> int:
+    from training.card import write_card
+
+    path = write_card(
+        Path(args.run_dir),
+        Path(args.out) if args.out else None,
+        low_iou=args.low_iou,
+        max_pixels=args.max_pixels,
+        latency_forwards=args.forwards,
+        device=args.device,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_samples(args: argparse.Namespace) -> int:
     from training.synthetic import write_samples
 
@@ -207,7 +250,48 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt"
     )
     _add_set(p)
+    _add_track(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "sweep", help="train a grid (or Optuna search) of overrides; compare, pick, promote"
+    )
+    p.add_argument("--config", required=True, help="the base recipe YAML")
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="values to try for one recipe key, e.g. --grid model.arch=Unet,FPN (repeatable; "
+        "the trials are the cartesian product)",
+    )
+    p.add_argument("--name", help="the sweep's name (default: the config's file stem)")
+    p.add_argument("--sweep-dir", help="default: runs/sweeps/<name>")
+    p.add_argument("--search", choices=["grid", "optuna"], default="grid")
+    p.add_argument("--trials", type=int, help="--search optuna: how many (default: grid size)")
+    p.add_argument("--seed", type=int, default=0, help="--search optuna: the sampler's seed")
+    p.add_argument(
+        "--budget-minutes", type=float, help="start no new trial after this many minutes"
+    )
+    p.add_argument("--latency-runs", type=int, default=20, help="timed forwards per trial (median)")
+    p.add_argument(
+        "--latency-threads",
+        type=int,
+        default=1,
+        help="CPU threads per timed forward (1: as served)",
+    )
+    p.add_argument(
+        "--remeasure", action="store_true", help="time every finished trial again, together"
+    )
+    p.add_argument(
+        "--promote", metavar="BEST|TRIAL", help="write that trial's recipe to configs/<name>.yaml"
+    )
+    p.add_argument("--promote-as", help="the promoted recipe's name (default: the sweep's)")
+    p.add_argument("--configs-dir", default="configs", help="where --promote writes")
+    p.add_argument("--force", action="store_true", help="--promote may overwrite the file")
+    _add_set(p)
+    _add_track(p)
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("evaluate", help="metrics, confusion matrix and overlays into RUN_DIR/eval")
     p.add_argument("--run-dir", required=True)
@@ -278,7 +362,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_set(p)
     p.set_defaults(func=cmd_check_data)
+
+    _add_card(sub)
     return parser
+
+
+def _add_card(sub: Any) -> None:
+    from handler.imaging import DEFAULT_MAX_PIXELS
+    from training.card import LATENCY_FORWARDS, LOW_IOU
+
+    p = sub.add_parser(
+        "card", help="write RUN_DIR/MODEL_CARD.md from the run's metadata and evaluation"
+    )
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--out", help="default: RUN_DIR/MODEL_CARD.md")
+    p.add_argument(
+        "--low-iou",
+        type=float,
+        default=LOW_IOU,
+        help=f"classes under this IoU are named in the limitations (default {LOW_IOU})",
+    )
+    p.add_argument(
+        "--forwards",
+        type=int,
+        default=LATENCY_FORWARDS,
+        help=f"batch-1 forwards timed for the latency, median (default {LATENCY_FORWARDS}; "
+        "0: not measured)",
+    )
+    p.add_argument("--device", default="cpu", help="where the latency is measured (cpu, cuda)")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="the archive's --max-pixels, for the input policy (default: the handler's)",
+    )
+    p.set_defaults(func=cmd_card)
 
 
 def _add_inference(p: argparse.ArgumentParser) -> None:
@@ -295,6 +413,22 @@ def _add_set(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a recipe value, e.g. --set train.epochs=5 (repeatable)",
     )
+
+
+def _add_track(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--track-uri", help="MLflow tracking URI (the recipe's track.uri)")
+    p.add_argument("--experiment", help="MLflow experiment (default: the recipe's name)")
+    p.add_argument(
+        "--no-track", action="store_true", help="no MLflow tracking (track.enabled=false)"
+    )
+
+
+def _track_sets(args: argparse.Namespace) -> list[str]:
+    """The tracking flags as ``--set`` overrides (JSON-quoted: a URI is no YAML to parse)."""
+    sets = [f"track.uri={json.dumps(args.track_uri)}"] if args.track_uri else []
+    if args.experiment:
+        sets.append(f"track.experiment={json.dumps(args.experiment)}")
+    return sets + (["track.enabled=false"] if args.no_track else [])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

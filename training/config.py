@@ -9,11 +9,14 @@ Example:
     ('FPN', 2, 'synthetic')
     >>> apply_overrides(recipe, ["optim.lr=0.01"]).optim.lr
     0.01
+    >>> apply_overrides(recipe, ["optim.lr=3e-4"]).optim.lr  # YAML 1.1 reads a string here
+    0.0003
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +46,10 @@ EXPORT_METHODS = ("trace", "script")
 SYNTHETIC_MODES = ("default", "imbalanced")
 # loss.class_weights may name a method instead of listing weights (training/class_weights.py).
 CLASS_WEIGHT_METHODS = ("inverse", "median_frequency")
+# A float in exponent notation that YAML 1.1 leaves a string: `lr: 1e-3`, `--set optim.lr=3e-4`.
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+# model.arch for training/bisenet.py, the one architecture that is not smp's.
+BISENET_ARCH = "BiSeNetV2"
 
 # Fields restricted to a fixed set of values: (section, field) -> allowed values.
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -176,6 +183,9 @@ class LossConfig:
     label_smoothing: float = 0.0
     # null: plain CE over every valid pixel; {}: OHEM with the defaults of OhemConfig.
     ohem: OhemConfig | None = None
+    # The weight of each auxiliary (booster) head's label loss; only BiSeNetV2 has them.
+    # null: the paper's 1.0 for BiSeNetV2.
+    aux_weight: float | None = None
 
 
 @dataclass
@@ -197,6 +207,20 @@ class ScheduleConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a trained teacher run (training/losses.py).
+
+    The student's loss adds ``weight * T^2 * KL(softmax(teacher / T) || softmax(student / T))``
+    per valid pixel, T = ``temperature``. ``teacher``: the teacher's run dir; its
+    ``checkpoints/best.pt`` is rebuilt, frozen and run beside the student on every batch.
+    """
+
+    teacher: str | None = None
+    weight: float = 1.0
+    temperature: float = 1.0
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 20
     amp: str = "auto"
@@ -207,6 +231,8 @@ class TrainConfig:
     deterministic: bool = True
     threads: int | None = None
     progress: bool = True
+    # null: no teacher; {teacher: RUN_DIR, weight: 1.0, temperature: 1.0}: see DistillConfig.
+    distill: DistillConfig | None = None
 
 
 @dataclass
@@ -237,6 +263,24 @@ class ExportConfig:
 
 
 @dataclass
+class TrackConfig:
+    """Experiment tracking (training/tracking.py): each training run is an MLflow run, and
+    evaluate/export of its run dir append to it. A tracking failure warns once, never stops
+    a run.
+
+    ``uri`` null: ``$MLFLOW_TRACKING_URI``, else the local store ``runs/mlruns`` (SQLite;
+    ``make mlflow-ui`` shows it). ``experiment`` null: the recipe's ``name``. Exported model
+    files are logged only while together at most ``log_model_max_mb``; above it, their list
+    and sizes.
+    """
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str | None = None
+    log_model_max_mb: float = 200.0
+
+
+@dataclass
 class Recipe:
     name: str = "default"
     seed: int = 0
@@ -249,6 +293,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
@@ -332,6 +377,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return dict(value)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        return float(value)  # PyYAML (YAML 1.1) reads 1e-3, no dot, as a string
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true/false, got {value!r}")
@@ -376,6 +423,7 @@ def _check(recipe: Recipe) -> Recipe:
     if recipe.loss.ce + recipe.loss.dice + recipe.loss.focal == 0:
         raise ConfigError("loss: at least one of ce, dice, focal must be > 0")
     _check_loss(recipe.loss)
+    _check_bisenet_and_distill(recipe)
     if recipe.data.class_map is not None:
         from training.class_map import parse_targets  # its shape; the names need the dataset
 
@@ -436,6 +484,40 @@ def _check_split(data: DataConfig) -> None:
                 f"data.{key}: {getattr(data, key)!r} is not a split data.split makes; use "
                 "train, val or test"
             )
+
+
+def _check_bisenet_and_distill(recipe: Recipe) -> None:
+    """loss.aux_weight only where there are auxiliary heads; train.distill's numbers (its
+    teacher run is read when training starts: training.model.load_teacher)."""
+    bisenet = recipe.model.arch.lower() == BISENET_ARCH.lower()
+    aux = recipe.loss.aux_weight
+    if aux is not None and not bisenet:
+        raise ConfigError(
+            f"loss.aux_weight: only {BISENET_ARCH} has auxiliary heads, model.arch is "
+            f"{recipe.model.arch!r}; remove loss.aux_weight"
+        )
+    if aux is not None and aux < 0:
+        raise ConfigError(f"loss.aux_weight: must be >= 0 (0: heads unused), got {aux}")
+    if bisenet and recipe.data.batch_size < 2:
+        raise ConfigError(
+            f"data.batch_size: {BISENET_ARCH}'s context embedding batch-normalises one pooled "
+            f"value per image, so training needs >= 2 images per batch, got "
+            f"{recipe.data.batch_size}"
+        )
+    distill = recipe.train.distill
+    if distill is None:
+        return
+    if not distill.teacher:
+        raise ConfigError(
+            "train.distill.teacher: required: the run dir of a trained teacher, e.g. "
+            "train.distill={teacher: runs/teacher, weight: 1.0, temperature: 2.0}"
+        )
+    if distill.weight < 0:
+        raise ConfigError(f"train.distill.weight: must be >= 0, got {distill.weight}")
+    if not distill.temperature > 0:
+        raise ConfigError(
+            f"train.distill.temperature: must be > 0 (1: plain softmax), got {distill.temperature}"
+        )
 
 
 def _check_loss(loss: LossConfig) -> None:

@@ -42,6 +42,7 @@ from training.inference import InferenceOptions, segment_with_options
 from training.metrics import BoundaryF1, ConfusionMatrix, jsonable
 from training.predict import Model, segment
 
+METRICS_FILE = "metrics.json"
 IGNORE_COLOUR = (255, 255, 255)
 ERROR_COLOUR = (255, 0, 0)
 
@@ -162,21 +163,54 @@ def per_class_markdown(metrics: dict[str, Any], class_names: Sequence[str]) -> s
     def cell(value: float | None) -> str:
         return "—" if value is None or math.isnan(value) else f"{value:.4f}"
 
+    # An evaluation written before per-class boundary F1 existed has no such column to show.
+    boundary = metrics.get("per_class_boundary_f1")
     lines = [
         f"mIoU {cell(metrics['miou'])} · pixel accuracy {cell(metrics['pixel_accuracy'])} · "
+        f"mean accuracy {cell(metrics.get('mean_accuracy'))} · "
         f"mean Dice {cell(metrics['mean_dice'])} · boundary F1 {cell(metrics['boundary_f1'])} "
         f"(tolerance {metrics['boundary_tolerance']} px) · {metrics['num_images']} images",
         "",
-        "| class | IoU | accuracy | Dice | pixels |",
-        "|---|---:|---:|---:|---:|",
+        "| class | IoU | accuracy | Dice |" + (" boundary F1 |" if boundary else "") + " pixels |",
+        "|---|---:|---:|---:|" + ("---:|" if boundary else "") + "---:|",
     ]
     for i, name in enumerate(class_names):
         lines.append(
             f"| {name} | {cell(metrics['per_class_iou'][i])} | "
             f"{cell(metrics['per_class_accuracy'][i])} | {cell(metrics['per_class_dice'][i])} | "
-            f"{metrics['pixels_per_class'][i]} |"
+            + (f"{cell(boundary[i])} | " if boundary else "")
+            + f"{metrics['pixels_per_class'][i]} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def read_metrics(eval_dir: Path, checkpoint: Path | None = None) -> dict[str, Any] | None:
+    """An evaluation's ``metrics.json`` as :func:`run_evaluation` wrote it, the one reader of
+    that file; None when it is absent or unreadable, or (with ``checkpoint``) when it was
+    computed from another checkpoint: a score of other weights must not describe this model.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> read_metrics(folder) is None
+        True
+        >>> _ = (folder / METRICS_FILE).write_text('{"checkpoint": "a.pt", "miou": 0.5}')
+        >>> read_metrics(folder)["miou"], read_metrics(folder, Path("b.pt"))
+        (0.5, None)
+    """
+    path = Path(eval_dir) / METRICS_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    if checkpoint is not None:
+        if Path(str(data.get("checkpoint", ""))).resolve() != Path(checkpoint).resolve():
+            return None
+    return data
 
 
 def _file_stem(index: int, name: str) -> str:
@@ -365,5 +399,8 @@ def run_evaluation(
         }
         | metrics
     )
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / METRICS_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    from training.tracking import for_run_dir  # the run's MLflow run, if it has one
+
+    for_run_dir(run_dir).log_evaluation(result, out_dir)
     return result

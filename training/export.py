@@ -694,15 +694,9 @@ def int8_export(
 
 def _eval_metrics(run_dir: Path, checkpoint: Path) -> dict | None:
     """``eval/metrics.json`` when it was computed from this very checkpoint (adds boundary F1)."""
-    path = run_dir / "eval" / "metrics.json"
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    same = Path(str(data.get("checkpoint", ""))).resolve() == checkpoint.resolve()
-    return data if same else None
+    from training.evaluate import read_metrics
+
+    return read_metrics(run_dir / "eval", checkpoint)
 
 
 def export_run(
@@ -766,7 +760,7 @@ def export_run(
             batch_size=recipe.data.batch_size,
             boundary_tolerance=recipe.eval.boundary_tolerance,
         )
-    return export_model(
+    report = export_model(
         model,
         metadata,
         images,
@@ -778,3 +772,7 @@ def export_run(
         int8=int8,
         drift_images=[dataset.load_raw(i)[0] for i in drift],
     )
+    from training.tracking import for_run_dir  # the run's MLflow run, if it has one
+
+    for_run_dir(run_dir).log_export(run_dir / "export", report, recipe.track.log_model_max_mb)
+    return report

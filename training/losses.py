@@ -206,3 +206,95 @@ def build_loss(
         label_smoothing=cfg.label_smoothing,
         ohem=cfg.ohem,
     )
+
+
+def distillation_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = 255,
+) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the pixels
+    whose label is not ``ignore_index`` (Hinton et al. 2015, per pixel).
+
+    The ``T^2`` keeps the gradient's scale independent of the temperature (the soft targets'
+    gradients shrink as ``1 / T^2``), so one ``weight`` suits every T. Ignored pixels (void,
+    padding) count for nothing: the teacher's guess there is as unlabelled as the pixel.
+    ``student``/``teacher``: logits ``(N, C, H, W)``; ``target``: labels ``(N, H, W)``; the
+    teacher receives no gradient.
+
+    Example:
+        >>> s = torch.zeros(1, 2, 1, 2)
+        >>> t = torch.tensor([[[[2.0, 0.0]], [[0.0, 0.0]]]])  # pixel 0 confident, pixel 1 not
+        >>> labels = torch.tensor([[[0, 1]]])
+        >>> round(distillation_loss(s, t, labels).item(), 4)  # pixel 0's KL 0.3278, / 2 pixels
+        0.1639
+        >>> labels[0, 0, 0] = 255  # ignore pixel 0: only pixel 1 (KL 0) is left
+        >>> distillation_loss(s, t, labels).item()
+        0.0
+        >>> distillation_loss(t, t, labels, temperature=4.0).item()  # same logits: nothing to learn
+        0.0
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} "
+            "differ; both must be (N, C, H, W) for the same batch"
+        )
+    log_student = F.log_softmax(student.float() / temperature, dim=1)
+    log_teacher = F.log_softmax(teacher.detach().float() / temperature, dim=1)
+    # KL(p_t || p_s) = sum_c p_t (log p_t - log p_s), per pixel
+    per_pixel = (log_teacher.exp() * (log_teacher - log_student)).sum(dim=1)
+    valid = (target != ignore_index).to(per_pixel.dtype)
+    return temperature**2 * (per_pixel * valid).sum() / valid.sum().clamp_min(1.0)
+
+
+class TrainingLoss(nn.Module):
+    """What a training step minimises, around the recipe's label loss (:func:`build_loss`):
+
+    ``label(logits) + aux_weight * sum(label(aux_i)) + distill_weight * distillation``.
+
+    ``outputs`` is the model's training-mode return: the logits, or ``(logits, [aux logits])``
+    for a model with auxiliary heads (BiSeNetV2's booster). ``teacher_logits`` (optional) are a
+    distillation teacher's for the same batch. Without either, it is exactly the label loss.
+
+    Example:
+        >>> from training.config import LossConfig
+        >>> label = build_loss(LossConfig(), num_classes=3, ignore_index=255)
+        >>> loss = TrainingLoss(label, aux_weight=0.5, distill_weight=1.0, temperature=2.0)
+        >>> logits, target = torch.zeros(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long)
+        >>> bool(loss(logits, target) == label(logits, target))
+        True
+        >>> aux_loss = loss((logits, [logits]), target)  # + 0.5 * the same CE
+        >>> round(aux_loss.item() / label(logits, target).item(), 4)
+        1.5
+    """
+
+    def __init__(
+        self,
+        label_loss: SegmentationLoss,
+        aux_weight: float = 0.0,
+        distill_weight: float = 0.0,
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.label_loss = label_loss
+        self.aux_weight = aux_weight
+        self.distill_weight = distill_weight
+        self.temperature = temperature
+
+    def forward(
+        self,
+        outputs: torch.Tensor | tuple[torch.Tensor, Sequence[torch.Tensor]],
+        target: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        logits, aux = (outputs, ()) if isinstance(outputs, torch.Tensor) else outputs
+        loss = self.label_loss(logits, target)
+        for head in aux:
+            loss = loss + self.aux_weight * self.label_loss(head, target)
+        if teacher_logits is not None:
+            loss = loss + self.distill_weight * distillation_loss(
+                logits, teacher_logits, target, self.temperature, self.label_loss.ignore_index
+            )
+        return loss

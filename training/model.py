@@ -1,7 +1,9 @@
 """Build any segmentation_models_pytorch model from the recipe, and rebuild one from a checkpoint.
 
 There is no model registry of our own: ``smp.create_model`` is the registry, and its lists of
-architectures and encoders are what an error message offers. Pretrained encoder weights are
+architectures and encoders are what an error message offers. The one architecture smp lacks,
+the real-time BiSeNetV2 (``training/bisenet.py``), is the single other choice of
+``model.arch``, built here by the same :func:`build_model`. Pretrained encoder weights are
 downloaded by smp from the Hugging Face hub; offline that download retries for ~23 s and ends
 in a bare traceback, so :func:`build_model` checks first and fails fast with the fix.
 
@@ -18,25 +20,51 @@ import inspect
 import os
 import socket
 import threading
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import segmentation_models_pytorch as smp
 import torch
 
-from training.config import ConfigError, ModelConfig, recipe_from_dict
+from handler.preprocessing import SIZE_DIVISOR
+from training.bisenet import BiSeNetV2
+from training.config import BISENET_ARCH, ConfigError, DistillConfig, ModelConfig, recipe_from_dict
 
 PROBE_TIMEOUT_S = 3.0
 
 
 def architectures() -> list[str]:
-    """smp's architecture names, spelt as their classes (``Unet``, ``DeepLabV3Plus``...)."""
+    """smp's architecture names, spelt as their classes (``Unet``, ``DeepLabV3Plus``...), and
+    ``BiSeNetV2``."""
     by_lower = {name.lower(): name for name in dir(smp) if name[:1].isupper()}
-    return [by_lower.get(key, key) for key in smp.MODEL_ARCHITECTURES_MAPPING]
+    return [by_lower.get(key, key) for key in smp.MODEL_ARCHITECTURES_MAPPING] + [BISENET_ARCH]
+
+
+def is_bisenet(cfg: ModelConfig) -> bool:
+    """``model.arch`` names BiSeNetV2 (any case, like smp's names).
+
+    >>> is_bisenet(ModelConfig(arch="bisenetv2")), is_bisenet(ModelConfig(arch="Unet"))
+    (True, False)
+    """
+    return cfg.arch.lower() == BISENET_ARCH.lower()
+
+
+def output_stride(cfg: ModelConfig) -> int:
+    """The multiple H and W must be padded to (the metadata's ``preprocess.size_divisor``).
+
+    >>> output_stride(ModelConfig(arch="BiSeNetV2")), output_stride(ModelConfig())
+    (32, 32)
+    """
+    return BiSeNetV2.output_stride if is_bisenet(cfg) else SIZE_DIVISOR
 
 
 def check_model_config(cfg: ModelConfig) -> None:
     """Raise :class:`ConfigError` for an unknown architecture, encoder or weights name."""
+    if is_bisenet(cfg):
+        _check_bisenet(cfg)
+        return
     if cfg.arch.lower() not in smp.MODEL_ARCHITECTURES_MAPPING:
         raise ConfigError(
             f"model.arch: {cfg.arch!r} is not an smp architecture; choose one of {architectures()}"
@@ -90,6 +118,33 @@ def _check_kwargs(cfg: ModelConfig) -> None:
         if key not in allowed and not cfg.encoder.startswith("tu-"):
             raise ConfigError(
                 f"model.kwargs.{key}: {cfg.arch} takes no such argument; allowed: {allowed}"
+            )
+
+
+def _check_bisenet(cfg: ModelConfig) -> None:
+    """BiSeNetV2 is its own backbone: no smp encoder, no pretrained weights; its kwargs are
+    :class:`~training.bisenet.BiSeNetV2`'s (``num_classes`` is the dataset's)."""
+    if cfg.encoder != ModelConfig().encoder:
+        raise ConfigError(
+            f"model.encoder: {cfg.encoder!r} does not apply to {BISENET_ARCH} (its detail and "
+            "semantic branches are its backbone); remove model.encoder, or pick an smp arch"
+        )
+    if cfg.encoder_weights is not None:
+        raise ConfigError(
+            f"model.encoder_weights: {BISENET_ARCH} has no pretrained encoder (it trains from "
+            "scratch); set model.encoder_weights: null"
+        )
+    params = inspect.signature(BiSeNetV2.__init__).parameters
+    allowed = sorted(n for n in params if n not in ("self", "num_classes"))
+    for key in cfg.kwargs:
+        if key in _RESERVED_KWARGS or key == "num_classes":
+            raise ConfigError(
+                f"model.kwargs.{key}: set by segserve itself (the model must return raw logits "
+                "for every class); remove it"
+            )
+        if key not in allowed:
+            raise ConfigError(
+                f"model.kwargs.{key}: {BISENET_ARCH} takes no such argument; allowed: {allowed}"
             )
 
 
@@ -175,6 +230,13 @@ def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
     if num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     check_model_config(cfg)
+    if is_bisenet(cfg):
+        try:
+            return BiSeNetV2(num_classes, **cfg.kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"model.kwargs: cannot build {BISENET_ARCH} with {cfg.kwargs}: {exc}"
+            ) from None
     ensure_weights_available(cfg)
     weights: Any = cfg.encoder_weights
     if cfg.encoder.startswith("tu-") and weights is not None:
@@ -215,3 +277,59 @@ def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
     model = build_model(recipe.model, int(ckpt["metadata"]["num_classes"]))
     model.load_state_dict(ckpt["model"])
     return model.to("cpu").eval()
+
+
+def load_teacher(
+    cfg: DistillConfig,
+    class_names: Sequence[str],
+    mean_std: tuple[Sequence[float], Sequence[float]],
+    device: torch.device | str = "cpu",
+) -> torch.nn.Module:
+    """The distillation teacher: ``cfg.teacher``'s best checkpoint rebuilt, frozen, in eval
+    mode, on ``device``; errors name ``train.distill.teacher`` and the fix.
+
+    ``class_names`` and ``mean_std`` are the student's: the teacher must predict the same
+    classes in the same order, from images normalised the same way (it sees the student's
+    batches).
+    """
+    from training.checkpoint import CheckpointError, load_checkpoint
+
+    key = "train.distill.teacher"
+    run = Path(cfg.teacher)
+    if not run.is_dir():
+        raise ConfigError(
+            f"{key}: {str(run)!r} is not a directory; give the run dir of a trained teacher "
+            "(the --run-dir it was trained into)"
+        )
+    best = run / "checkpoints" / "best.pt"
+    try:
+        ckpt = load_checkpoint(best)
+    except CheckpointError as exc:
+        raise ConfigError(f"{key}: {exc} (train the teacher run first)") from None
+    theirs = [str(n) for n in ckpt["metadata"].get("class_names", [])]
+    if len(theirs) != len(class_names):
+        raise ConfigError(
+            f"{key}: {best} predicts {len(theirs)} classes, this recipe's data has "
+            f"{len(class_names)}; distil from a teacher trained on the same classes (same "
+            "data.kind and data.class_map)"
+        )
+    if theirs != [str(n) for n in class_names]:
+        raise ConfigError(
+            f"{key}: {best} predicts the classes {theirs}, this recipe's data has "
+            f"{list(class_names)}; the teacher's classes must match, in order"
+        )
+    preprocess = ckpt["metadata"].get("preprocess", {})
+    theirs_norm = (list(preprocess.get("mean", [])), list(preprocess.get("std", [])))
+    ours_norm = (list(mean_std[0]), list(mean_std[1]))
+    if [[float(v) for v in t] for t in theirs_norm] != [[float(v) for v in t] for t in ours_norm]:
+        raise ConfigError(
+            f"{key}: {best} was trained on images normalised with mean/std {theirs_norm}, this "
+            f"recipe's are {ours_norm}; set data.mean and data.std to the teacher's"
+        )
+    # Building draws initial weights (overwritten by the checkpoint's) from torch's RNG; fork it
+    # so the student's run sees the same random stream with or without a teacher.
+    with torch.random.fork_rng(devices=[]):
+        teacher = model_from_checkpoint(ckpt)
+    for p in teacher.parameters():
+        p.requires_grad_(False)  # frozen: no gradient, no optimiser state, no DDP sync
+    return teacher.to(device).eval()

@@ -21,8 +21,9 @@ from typing import Any, Protocol
 import segmentation_models_pytorch as smp
 
 from handler.artifact import ModelMetadata
-from handler.preprocessing import IMAGENET_MEAN, IMAGENET_STD, SIZE_DIVISOR, PreprocessSpec
-from training.config import Recipe
+from handler.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
+from training.config import BISENET_ARCH, Recipe
+from training.model import output_stride
 
 
 class DatasetInfoLike(Protocol):
@@ -91,7 +92,8 @@ def resolve_preprocess_spec(recipe: Recipe) -> PreprocessSpec:
     return PreprocessSpec(
         input_size=tuple(data.input_size),
         resize_policy=data.resize_policy,
-        size_divisor=SIZE_DIVISOR,
+        # the model's total downsampling: the handler pads every batch to a multiple of it
+        size_divisor=output_stride(recipe.model),
         mean=mean,
         std=std,
     )
@@ -151,7 +153,8 @@ def build_metadata(
         model_name=recipe.export.model_name,
         model_version=recipe.export.model_version,
         architecture=recipe.model.arch,
-        encoder=recipe.model.encoder,
+        # BiSeNetV2 has no separate encoder (model.encoder does not apply to it)
+        encoder="" if recipe.model.arch.lower() == BISENET_ARCH.lower() else recipe.model.encoder,
         encoder_weights=recipe.model.encoder_weights,
         class_names=tuple(class_names),
         palette=tuple(tuple(rgb) for rgb in palette),

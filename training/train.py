@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from training import tracking
 from training.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -42,9 +43,9 @@ from training.checkpoint import (
 )
 from training.class_weights import resolve_class_weights
 from training.config import ConfigError, Recipe, save_recipe
-from training.losses import build_loss
+from training.losses import TrainingLoss, build_loss
 from training.metrics import ConfusionMatrix
-from training.model import build_model
+from training.model import build_model, load_teacher
 from training.resolve import build_metadata, resolve_preprocess_spec
 from training.schedule import build_optimizer, build_scheduler
 
@@ -57,6 +58,12 @@ RESUMABLE = {
     "train.early_stopping_min_delta",
     "data.num_workers",
     "output_dir",
+    # where the run is tracked, not what it trains (a resumed run keeps its tracking.json run)
+    "track",
+    "track.enabled",
+    "track.uri",
+    "track.experiment",
+    "track.log_model_max_mb",
 }
 
 
@@ -215,16 +222,24 @@ def train_one_epoch(
     grad_clip: float | None,
     rt: Runtime,
     progress: Any = None,
+    teacher: torch.nn.Module | None = None,
 ) -> dict[str, float]:
-    """One pass over the training data; returns mean loss (all ranks), images, seconds."""
+    """One pass over the training data; returns mean loss (all ranks), images, seconds.
+
+    ``loss_fn(outputs, y, teacher_logits)`` (:class:`~training.losses.TrainingLoss`) takes the
+    model's training-mode outputs (BiSeNetV2 adds its auxiliary logits) and, with a frozen
+    distillation ``teacher``, the teacher's logits for the same batch.
+    """
     model.train()
     total_loss = torch.zeros(2, dtype=torch.float64, device=rt.device)  # (sum, batches)
     images, started = 0, time.perf_counter()
     for x, y in loader:
         x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
         with torch.autocast(rt.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x)
-        loss = loss_fn(logits, y)  # in float32, outside autocast
+            outputs = model(x)
+            with torch.no_grad():  # the teacher only gives targets; no graph kept for it
+                teacher_logits = None if teacher is None else teacher(x)
+        loss = loss_fn(outputs, y, teacher_logits)  # in float32, outside autocast
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if grad_clip:
@@ -479,6 +494,12 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     info = dataset_info(recipe.data)
     spec = resolve_preprocess_spec(recipe)
     num_classes, ignore_index = len(info.class_names), recipe.data.ignore_index
+    # train.distill: the teacher, rebuilt on every rank (frozen, eval); a bad run dir fails here
+    distill = recipe.train.distill
+    teacher = (
+        None if distill is None
+        else load_teacher(distill, info.class_names, (spec.mean, spec.std), rt.device)
+    )  # fmt: skip
     if rt.is_main:
         write_split_lists(recipe.data)  # other ranks draw the same split in memory meanwhile
     train_loader, val_loader = make_loaders(recipe, spec, rt)
@@ -501,6 +522,14 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
         run_dir if rt.is_main else None, rt.rank, rt.world_size, rt.device,
     )  # fmt: skip
     loss_fn = build_loss(recipe.loss, num_classes, ignore_index, class_weights).to(rt.device)
+    # Training adds BiSeNetV2's booster heads (loss.aux_weight; null: the paper's 1.0) and the
+    # distillation term; validation's loss stays the plain label loss, comparable across runs.
+    objective = TrainingLoss(
+        loss_fn,
+        aux_weight=1.0 if recipe.loss.aux_weight is None else recipe.loss.aux_weight,
+        distill_weight=0.0 if distill is None else distill.weight,
+        temperature=1.0 if distill is None else distill.temperature,
+    )
     history: list[dict[str, Any]] = []
     if resume_from is not None:
         trainer.load_state_dict(resume_from)
@@ -513,12 +542,15 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
             model,
             device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
             # e.g. encoder_depth < 5 leaves smp's deepest encoder stages unused; DDP would
-            # otherwise wait forever for their gradients. The search costs time: only if needed.
+            # otherwise wait forever for their gradients. The search costs time: only if needed
+            # (BiSeNetV2's booster heads count as unused: the probe runs in eval mode).
             find_unused_parameters=bool(unused_parameters(model, rt.device)),
         )
+    tracker = tracking.NO_TRACKING  # rank 0 tracks; a tracking failure never stops the run
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")
+        tracker = tracking.start_training(recipe, run_dir, resume, history)
 
     patience = recipe.train.early_stopping_patience
     stopped_early = False
@@ -532,8 +564,8 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
         )
         lr = trainer.scheduler.get_last_lr()[0]
         stats = train_one_epoch(
-            forward_model, train_loader, loss_fn, optimizer, trainer.scheduler, trainer.scaler,
-            amp_dtype, recipe.train.grad_clip, rt, bar,
+            forward_model, train_loader, objective, optimizer, trainer.scheduler, trainer.scaler,
+            amp_dtype, recipe.train.grad_clip, rt, bar, teacher,
         )  # fmt: skip
         bar.close()
         metrics = validate(
@@ -554,6 +586,8 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
             save_checkpoint(last_path, ckpt | {"metadata": meta.to_dict()})
             write_history(run_dir, history)
             plot_curves(history, run_dir / "curves.png")
+            tracker.log_epoch(row)
+            tracker.log_artifact(run_dir / "curves.png")
             tqdm.write(
                 f"epoch {epoch + 1}/{recipe.train.epochs}  train_loss {row['train_loss']:.4f}  "
                 f"val_loss {row['val_loss']:.4f}  val_miou {row['val_miou']:.4f}  "
@@ -568,7 +602,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     if rt.distributed:
         dist.barrier()  # rank 0's files are complete before anyone returns
         dist.destroy_process_group()
-    return {
+    summary = {
         "best_miou": state.best_metric,
         "best_epoch": state.best_epoch,
         "epochs_completed": state.epoch,
@@ -577,3 +611,5 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
         "best_checkpoint": str(best_path),
         "last_checkpoint": str(last_path),
     }
+    tracking.finish_training(tracker, run_dir, summary)
+    return summary

@@ -29,6 +29,7 @@ def test_archive_layout_config_and_manifest(tiny_archive):
     ):
         assert expected in names
     assert not any("__pycache__" in n or n.startswith("training/") for n in names)
+    assert "MODEL_CARD.md" not in names  # packed only when given (tests/training/test_card.py)
     with zipfile.ZipFile(mar) as z:
         config = yaml.safe_load(z.read("model-config.yaml"))
         mar_manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
@@ -48,6 +49,7 @@ def test_archive_layout_config_and_manifest(tiny_archive):
     assert manifest["name"] == "segmenter" and manifest["version"] == "1.0"
     assert manifest["metrics"]["miou"] == 0.5
     assert manifest["source_checkpoint"] == "tests/tiny/best.pt"
+    assert manifest["model_card"] is None
     assert manifest["versions"]["torchserve"] == "0.12.0"
     assert manifest["model"]["class_names"] == ["background", "road", "building", "sky"]
     assert (
@@ -96,6 +98,15 @@ def test_missing_export_pieces_say_make_export(tiny_export, tmp_path, capsys):
     shutil.copy(tiny_export / "model.pt", partial)
     assert main(["--export-dir", str(partial), "--out-dir", str(tmp_path)]) == 2
     assert "metadata.json" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.mar"))
+
+
+def test_a_missing_model_card_says_how_to_write_one(tiny_export, tmp_path, capsys):
+    card = tmp_path / "MODEL_CARD.md"
+    argv = ["--export-dir", str(tiny_export), "--out-dir", str(tmp_path), "--model-card", str(card)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--model-card {card}: no such file" in err and "python -m training card" in err
     assert not list(tmp_path.glob("*.mar"))
 
 

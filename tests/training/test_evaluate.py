@@ -100,7 +100,7 @@ def test_run_evaluation_writes_everything_and_matches_an_independent_count(
     assert written["checkpoint"] == str(run_dir / "checkpoints" / "best.pt")
 
     table = (eval_dir / "per_class.md").read_text().splitlines()
-    assert "| class | IoU | accuracy | Dice | pixels |" in table
+    assert "| class | IoU | accuracy | Dice | boundary F1 | pixels |" in table
     rows = [line for line in table if line.startswith("| ") and "class |" not in line]
     assert [r.split(" | ")[0][2:] for r in rows] == list(
         dataset_info(recipe_from_dict({}).data).class_names
