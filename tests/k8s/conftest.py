@@ -1,65 +1,40 @@
 """Fixtures for the Kubernetes tests: tool checks and a writable copy of the manifests.
 
-The image tests run last, and the images they need start building in the background as soon
-as the session is collected: a fresh build takes minutes (pip downloads torch's CUDA libraries,
-the layer is committed), mostly waiting on the network and the disk, so it overlaps the rest of
-the suite. The fixtures' own ``image.build()`` waits on the store's build lock, then reuses
-that image; if the background build failed, the fixture builds again and shows why.
+The image tests run last; their images build in the background meanwhile
+(``tests/k8s/background_build.py``).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from k8s.tools import image
 from k8s.tools.sync import sync
 from k8s.tools.toolchain import ToolError, require
+from tests.k8s import background_build
 
 REPO = Path(__file__).resolve().parents[2]
 # The fixtures that need an image (tests/k8s/test_image.py, test_ui_image.py) and its target.
 IMAGE_FIXTURES = {"serving_image": "serve", "ui_image": "ui"}
-BACKGROUND_BUILD_LOG = image.STORE / "background-build.log"
-_background_build: subprocess.Popen | None = None
 
 
 @pytest.hookimpl(trylast=True)  # after -m/-k have deselected
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    global _background_build
     needing = [item for item in items if IMAGE_FIXTURES.keys() & set(item.fixturenames)]
     if not needing:
         return
     items[:] = [item for item in items if item not in needing] + needing
-    if config.option.collectonly or _background_build is not None:
-        return
-    targets = [t for f, t in IMAGE_FIXTURES.items() if any(f in i.fixturenames for i in needing)]
-    # nice: the tests running meanwhile come first
-    cmd = ["nice", "-n", "10", sys.executable, str(REPO / "k8s/tools/image.py"), "build"]
-    BACKGROUND_BUILD_LOG.parent.mkdir(parents=True, exist_ok=True)
-    with open(BACKGROUND_BUILD_LOG, "wb") as log:
-        _background_build = subprocess.Popen(
-            cmd + [arg for target in targets for arg in ("--target", target)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group: stopped with buildah below it
+    if not config.option.collectonly:
+        background_build.plan(
+            [t for f, t in IMAGE_FIXTURES.items() if any(f in i.fixturenames for i in needing)]
         )
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    """A session that ends before the image tests (-x, Ctrl-C) leaves no build behind."""
-    if _background_build is not None and _background_build.poll() is None:
-        os.killpg(_background_build.pid, signal.SIGTERM)
-        try:
-            _background_build.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(_background_build.pid, signal.SIGKILL)
+    background_build.stop()
 
 
 # `make test` fetches both tools first (make k8s-tools): a missing tool is a failure, never a

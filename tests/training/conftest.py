@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.k8s import background_build
 from training.checkpoint import save_checkpoint
 from training.config import Recipe
 from training.datasets import dataset_info, voc_palette
@@ -20,6 +21,12 @@ from training.model import build_model
 from training.resolve import build_metadata, resolve_preprocess_spec
 
 H, W = 24, 32
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _image_builds_overlap_training() -> None:
+    """The image tests' builds run beside these CPU-bound tests (tests/k8s/background_build)."""
+    background_build.start()
 
 
 @pytest.fixture(autouse=True)
