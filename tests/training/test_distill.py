@@ -239,17 +239,15 @@ SCENES: dict[str, Any] = {
     "seed": 0,
     "data": {
         "input_size": [64, 64],
-        "batch_size": 8,
+        "batch_size": 4,
         "synthetic": {"num_train": 64, "num_val": 32, "image_size": [64, 64]},
     },
-    "optim": {"lr": 0.005},
-    "train": {"epochs": 10, "amp": "off", "threads": 1, "progress": False},
+    "optim": {"lr": 0.003},
+    "train": {"epochs": 8, "amp": "off", "threads": 1, "progress": False},
 }
-TEACHER = [  # a wider Unet, twice the optimiser steps: ~0.59 val mIoU in ~30 s
-    "model.kwargs={encoder_depth: 3, decoder_channels: [32, 16, 16]}",
-    "data.batch_size=4",
-    "optim.lr=0.003",
-]
+# A resnet18 Unet, more epochs: ~0.59 val mIoU in ~30 s.
+TEACHER = ["model.kwargs={encoder_depth: 3, decoder_channels: [32, 16, 16]}", "train.epochs=10"]
+# A half-width BiSeNetV2 (~1/18 of the teacher's weights): ~0.27-0.32 val mIoU in 8 epochs.
 STUDENT = ["model.arch=BiSeNetV2", "model.kwargs={width: 0.5, head_channels: 64, aux_channels: 32}"]
 
 
@@ -272,13 +270,13 @@ def val_kl_to_teacher(student_run: Path, teacher_run: Path, temperature: float) 
 @pytest.mark.slow
 def test_a_distilled_student_learns_its_teacher(tmp_path: Path) -> None:
     """Teacher, then a BiSeNetV2 student with and without it, equal seed and epochs: the
-    distilled student's val predictions are much closer to the teacher's (KL).
+    distilled student's val predictions are much closer to the teacher's (KL at T = 2).
 
-    Measured here (seeds 0, 1, 3, 4, 5, 6): the KL falls to 0.60-0.78 of the plain student's in
-    every seed. The val mIoU does NOT rise in every seed at this budget: plain -> distilled
-    0.225 -> 0.276, 0.189 -> 0.265, 0.183 -> 0.295 and 0.133 -> 0.227 (seeds 0-3), but
-    0.304 -> 0.280, 0.326 -> 0.311 and 0.343 -> 0.323 (seeds 4-6), so the test does not claim
-    it (the mean over 8 seeds is +0.040).
+    Measured here, seeds 0-5: the KL falls to 0.80, 0.77, 0.75, 0.74, 0.83, 0.76 of the plain
+    student's. The val mIoU does NOT rise at this budget: plain -> distilled 0.268 -> 0.279,
+    0.306 -> 0.305, 0.324 -> 0.318, 0.278 -> 0.278, 0.345 -> 0.315, 0.326 -> 0.304; no setting
+    tried (students of 0.25 and 0.5 width, 6-12 epochs, teachers of 0.49-0.65 mIoU, weight
+    0.5-3, T 1-4) gave a gain stable over seeds, so this test does not claim one.
     """
     teacher = tmp_path / "teacher"
     taught = train(apply_overrides(recipe_from_dict(SCENES), TEACHER), teacher)
@@ -287,7 +285,7 @@ def test_a_distilled_student_learns_its_teacher(tmp_path: Path) -> None:
         runs[name] = train(
             apply_overrides(recipe_from_dict(SCENES), STUDENT + extra), tmp_path / name
         )
-    assert taught["best_miou"] > runs["plain"]["final"]["val_miou"] + 0.15  # a teacher worth it
+    assert taught["best_miou"] > runs["plain"]["final"]["val_miou"] + 0.2  # a teacher worth it
     plain = val_kl_to_teacher(tmp_path / "plain", teacher, 2.0)
     distilled = val_kl_to_teacher(tmp_path / "distilled", teacher, 2.0)
     print(
