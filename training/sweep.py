@@ -235,13 +235,6 @@ def measure_latencies(
     return [statistics.median(t) for t in times]
 
 
-def measure_latency(
-    model_path: Path, input_size: Sequence[int], device: str = "cpu", runs: int = 20
-) -> float:
-    """:func:`measure_latencies` of one model."""
-    return measure_latencies([(Path(model_path), input_size)], device, runs)[0]
-
-
 def count_parameters(checkpoint: Path) -> int:
     """Trainable and frozen parameters of the checkpoint's model (buffers left out)."""
     from training.checkpoint import load_checkpoint
