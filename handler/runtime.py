@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -156,23 +156,44 @@ def time_runtimes(
     paths: Mapping[str, Path], input_size: tuple[int, int], device: str, forwards: int
 ) -> dict[str, float]:
     """Median milliseconds of ``forwards`` batch-1 forwards per runtime, in-process, through
-    the handler's loader (``handler.runtime.load_model``). Two warm-up forwards each, then the
-    runtimes take turns, so a passing load on the machine slows them all alike. The archiver's
-    ``--runtime auto`` and the model card (``training/card.py``) time with it."""
+    the handler's loader (``handler.runtime.load_model``), timed by :func:`time_forwards`. The
+    archiver's ``--runtime auto`` and the model card (``training/card.py``) time with it."""
     threads = torch.get_num_threads()
     models = {name: load_model(path, name, device, threads=threads) for name, path in paths.items()}
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(1, 3, *input_size, generator=generator).to(device)
-    times: dict[str, list[float]] = {name: [] for name in models}
+    medians = time_forwards([(model, x) for model in models.values()], device, forwards)
+    return dict(zip(models, medians, strict=True))
+
+
+def time_forwards(
+    calls: Sequence[tuple[Callable[[torch.Tensor], Any], torch.Tensor]],
+    device: str,
+    forwards: int,
+    warmup: int = 2,
+) -> list[float]:
+    """Median milliseconds of each ``(model, input)`` over ``forwards`` timed calls, after
+    ``warmup`` untimed ones (the first pay for graph optimisation and allocation).
+
+    The models take turns, one forward each per round: load from elsewhere on the machine then
+    slows them all alike instead of whichever was being timed (measured: one model 118 and 402
+    ms when timed one after the other on a busy 2-core host). The sweep (``training/sweep.py``)
+    times its trials' models, each at its own input size, with it.
+
+    Example:
+        >>> x = torch.zeros(1, 3, 8, 8)
+        >>> [ms >= 0 for ms in time_forwards([(torch.nn.Identity(), x)] * 2, "cpu", 3)]
+        [True, True]
+    """
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times: list[list[float]] = [[] for _ in calls]
     with torch.inference_mode():
-        for model in models.values():
-            model(x)
-            model(x)
-        for _ in range(forwards):
-            for name, model in models.items():
-                start = time.perf_counter()
+        for i in range(warmup + forwards):
+            for (model, x), spent in zip(calls, times, strict=True):
+                sync()
+                started = time.perf_counter()
                 model(x)
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                times[name].append((time.perf_counter() - start) * 1000)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+                sync()
+                if i >= warmup:
+                    spent.append((time.perf_counter() - started) * 1000.0)
+    return [sorted(t)[len(t) // 2] for t in times]

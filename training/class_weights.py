@@ -28,7 +28,7 @@ Example:
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,23 +70,11 @@ def count_pixels(
         >>> int(counts.pixels.sum()), counts.num_images
         (3072, 3)
     """
-    base, indices = dataset, list(range(len(dataset)))
-    while isinstance(base, torch.utils.data.Subset):
-        indices = [base.indices[i] for i in indices]
-        base = base.dataset
-    load = getattr(base, "load_mask", None) or (lambda i: base.load_raw(i)[1])
     totals = np.zeros((3, num_classes), dtype=np.int64)
-    for i in indices[rank::world_size]:
-        mask = np.asarray(load(i))
-        labelled = mask[mask != ignore_index].astype(np.int64)
-        outside = (labelled < 0) | (labelled >= num_classes)
-        if outside.any():
-            bad = np.unique(labelled[outside])[:10].tolist()
-            raise ValueError(f"sample {i}: mask values {bad} outside 0..{num_classes - 1}")
-        hist = np.bincount(labelled, minlength=num_classes)
+    for hist, labelled in _histograms(dataset, num_classes, ignore_index, rank, world_size):
         present = hist > 0
         totals[0] += hist
-        totals[1] += present * int(labelled.size)
+        totals[1] += present * labelled
         totals[2] += present
     if world_size > 1:
         import torch.distributed as dist
@@ -94,7 +82,33 @@ def count_pixels(
         reduced = torch.from_numpy(totals).to(device)
         dist.all_reduce(reduced)
         totals = reduced.cpu().numpy()
-    return PixelCounts(totals[0], totals[1], totals[2], num_images=len(indices))
+    return PixelCounts(totals[0], totals[1], totals[2], num_images=len(dataset))
+
+
+def class_presence(dataset: Any, num_classes: int, ignore_index: int) -> np.ndarray:
+    """``(images, classes)``: which classes each mask of ``dataset`` holds (every image, in
+    order, on every rank: ``data.rare_repeat`` needs the same list everywhere)."""
+    rows = [hist > 0 for hist, _ in _histograms(dataset, num_classes, ignore_index, 0, 1)]
+    return np.stack(rows) if rows else np.zeros((0, num_classes), dtype=bool)
+
+
+def _histograms(
+    dataset: Any, num_classes: int, ignore_index: int, rank: int, world_size: int
+) -> Iterator[tuple[np.ndarray, int]]:
+    """(class histogram, labelled pixels) of each mask of this rank's share of ``dataset``."""
+    base, indices = dataset, list(range(len(dataset)))
+    while isinstance(base, torch.utils.data.Subset):
+        indices = [base.indices[i] for i in indices]
+        base = base.dataset
+    load = getattr(base, "load_mask", None) or (lambda i: base.load_raw(i)[1])
+    for i in indices[rank::world_size]:
+        mask = np.asarray(load(i))
+        labelled = mask[mask != ignore_index].astype(np.int64)
+        outside = (labelled < 0) | (labelled >= num_classes)
+        if outside.any():
+            bad = np.unique(labelled[outside])[:10].tolist()
+            raise ValueError(f"sample {i}: mask values {bad} outside 0..{num_classes - 1}")
+        yield np.bincount(labelled, minlength=num_classes), int(labelled.size)
 
 
 def weights_from_counts(counts: PixelCounts, method: str, cap: float | None) -> np.ndarray:

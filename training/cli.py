@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from training.config import ConfigError, load_recipe
+from training.config import SYNTHETIC_MODES, ConfigError, load_recipe
 
 EXIT_USER_ERROR = 2
 
@@ -230,11 +230,32 @@ def cmd_card(args: argparse.Namespace) -> int:
 
 
 def cmd_samples(args: argparse.Namespace) -> int:
-    from training.synthetic import write_samples
+    from training.synthetic import write_folder_dataset, write_samples
 
-    paths = write_samples(args.out_dir, args.n, seed=args.seed, size=tuple(args.size))
+    size = tuple(args.size)
+    if args.splits:
+        counts = write_folder_dataset(args.out_dir, args.splits, args.seed, size, args.mode)
+        shown = ", ".join(f"{split}: {n}" for split, n in counts.items())
+        print(f"wrote a folder dataset ({shown}) to {args.out_dir}")
+        return 0
+    paths = write_samples(args.out_dir, args.n, seed=args.seed, size=size, mode=args.mode)
     print(f"wrote {len(paths)} images to {args.out_dir}")
     return 0
+
+
+def _split_counts(text: str) -> dict[str, int]:
+    """``train=367,val=101`` → ``{"train": 367, "val": 101}`` (argparse type of --splits)."""
+    from training.synthetic import SPLITS
+
+    counts: dict[str, int] = {}
+    for item in text.split(","):
+        split, _, n = item.partition("=")
+        if split not in SPLITS or not n.isdigit():
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: expected SPLIT=N with SPLIT in {list(SPLITS)}, e.g. train=300,val=60"
+            )
+        counts[split] = int(n)
+    return counts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,6 +367,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=4, help="how many images (default 4)")
     p.add_argument("--size", type=int, nargs=2, default=[128, 128], metavar=("H", "W"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--mode",
+        choices=SYNTHETIC_MODES,
+        default="default",
+        help="imbalanced: thin and rare classes too",
+    )
+    p.add_argument(
+        "--splits",
+        type=_split_counts,
+        help="write a folder dataset instead (images/, masks/, classes.yaml), e.g. "
+        "train=367,val=101,test=233",
+    )
     p.set_defaults(func=cmd_samples)
 
     p = sub.add_parser(

@@ -140,6 +140,10 @@ class DataConfig:
     class_map: ClassMapConfig | None = None
     # null: the dataset's own splits; {val: 0.15, test: 0.15}: draw them (SplitConfig).
     split: SplitConfig | None = None
+    # Repeat-factor sampling (training/repeat_factor.py): an image holding a class found in
+    # fewer than this fraction of the training images is shown sqrt(fraction / f) times per
+    # epoch, e.g. 0.3; null: each image once.
+    rare_repeat: float | None = None
 
 
 @dataclass
@@ -435,6 +439,11 @@ def _check(recipe: Recipe) -> Recipe:
     if recipe.data.kind != "synthetic" and not recipe.data.root:
         raise ConfigError(f"data.root: required for data.kind={recipe.data.kind!r}")
     _check_split(recipe.data)
+    if recipe.data.rare_repeat is not None and not 0 < recipe.data.rare_repeat <= 1:
+        raise ConfigError(
+            "data.rare_repeat: a fraction of the training images in (0, 1], e.g. 0.3 "
+            f"(or null: no repeats), got {recipe.data.rare_repeat}"
+        )
     if (recipe.data.mean is None) != (recipe.data.std is None):
         raise ConfigError("data.mean and data.std: give both or neither")
     resolve_runtimes(recipe.export.runtimes, recipe.export.onnx)

@@ -616,9 +616,12 @@ def build_dataset(
         transform = build_val_transform(spec)
     name = _resolve_split(cfg, split)
     if cfg.kind == "synthetic":
-        aliases = {cfg.train_split: "train", cfg.val_split: "val", "train": "train", "val": "val"}
+        aliases = {"train": "train", "val": "val", "test": "test"}
+        aliases |= {cfg.train_split: "train", cfg.val_split: "val"}
         if name not in aliases:
-            raise DataError(f"synthetic data has splits train and val only, got {split!r}")
+            raise DataError(
+                f"synthetic data has splits train, val and test (num_val scenes), got {split!r}"
+            )
         return SyntheticDataset(info, transform, aliases[name], cfg, remap)
     root = _root(cfg)
     dataset_cls = FileDataset

@@ -40,7 +40,6 @@ import json
 import math
 import os
 import re
-import statistics
 import time
 import traceback
 from collections.abc import Mapping, Sequence
@@ -209,30 +208,15 @@ def measure_latencies(
     warmup: int = 5,
 ) -> list[float]:
     """Median milliseconds of a batch-1 forward of each TorchScript ``(model_path, (H, W))``,
-    loaded the way the handler loads it, after ``warmup`` forwards each (the first ones pay
-    for graph optimisation and allocation).
+    loaded the way the handler loads it, all timed together (``handler.runtime.time_forwards``:
+    turns, ``warmup`` untimed forwards each)."""
+    from handler.runtime import load_scripted_model, time_forwards
 
-    The models take turns, one forward each per round: load from elsewhere on the machine
-    then slows them all alike instead of whichever was being timed (measured: one model 118
-    and 402 ms when timed one after the other on a busy 2-core host).
-    """
-    from handler.runtime import load_scripted_model
-
-    loaded = [
+    calls = [
         (load_scripted_model(path, device), torch.rand(1, 3, int(h), int(w), device=device))
         for path, (h, w) in models
     ]
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    times: list[list[float]] = [[] for _ in loaded]
-    for i in range(warmup + runs):
-        for model, x, spent in ((m, x, t) for (m, x), t in zip(loaded, times, strict=True)):
-            sync()
-            started = time.perf_counter()
-            model(x)
-            sync()
-            if i >= warmup:
-                spent.append((time.perf_counter() - started) * 1000.0)
-    return [statistics.median(t) for t in times]
+    return time_forwards(calls, device, runs, warmup)
 
 
 def count_parameters(checkpoint: Path) -> int:

@@ -18,8 +18,10 @@ in about 5 % of the scenes (well under 0.1 % of the pixels); see :func:`class_na
 default mode's output is unchanged by it (same random stream, nothing extra drawn).
 
 Everything is a pure function of ``(seed, index)``: the same arrays on every call, in any
-process, in any order. Train and validation scenes come from disjoint index ranges
-(:func:`scene_index`), so validation never sees a training scene.
+process, in any order. Train, validation and test scenes come from disjoint index ranges
+(:func:`scene_index`), so validation never sees a training scene. :func:`write_folder_dataset`
+writes them as a folder dataset (``images/<split>``, ``masks/<split>``, ``classes.yaml``), the
+layout a user's own data has, to try recipes through the folder reader.
 
 Example:
     >>> rgb, mask = generate_scene(seed=0, index=3, size=(64, 96))
@@ -30,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import colorsys
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,25 +56,25 @@ IMBALANCED_EXTRA_PALETTE: tuple[tuple[int, int, int], ...] = (
     (240, 50, 230),
 )
 MODES = ("default", "imbalanced")
-SPLITS = ("train", "val")
-# Validation scenes start here, so train indices [0, VAL_INDEX_OFFSET) never collide with them.
+SPLITS = ("train", "val", "test")
+# Validation scenes start here and test scenes at twice this, so no two splits share a scene.
 VAL_INDEX_OFFSET = 1_000_000
 
 _Grid = tuple[np.ndarray, np.ndarray]
 
 
 def scene_index(split: str, i: int) -> int:
-    """Global scene index of the ``i``-th sample of ``split`` ("train" or "val").
+    """Global scene index of the ``i``-th sample of ``split`` ("train", "val" or "test").
 
     Example:
-        >>> scene_index("train", 5), scene_index("val", 5)
-        (5, 1000005)
+        >>> scene_index("train", 5), scene_index("val", 5), scene_index("test", 5)
+        (5, 1000005, 2000005)
     """
     if split not in SPLITS:
         raise ValueError(f"synthetic split {split!r} is not one of {list(SPLITS)}")
     if not 0 <= i < VAL_INDEX_OFFSET:
         raise ValueError(f"synthetic sample index {i} must be in [0, {VAL_INDEX_OFFSET})")
-    return i if split == "train" else VAL_INDEX_OFFSET + i
+    return SPLITS.index(split) * VAL_INDEX_OFFSET + i
 
 
 def class_names(mode: str = "default") -> tuple[str, ...]:
@@ -422,3 +425,40 @@ def write_samples(
             indexed.save(out / "masks" / path.name)
         paths.append(path)
     return paths
+
+
+def write_folder_dataset(
+    root: str | Path,
+    counts: dict[str, int],
+    seed: int = 0,
+    size: tuple[int, int] = (128, 128),
+    mode: str = "default",
+) -> dict[str, int]:
+    """Write ``counts[split]`` scenes per split as the folder layout ``data.kind: folder`` reads.
+
+    ``images/<split>/<split>_0000.png`` + ``masks/<split>/<same name>`` (palette PNGs, value =
+    class id) + ``classes.yaml`` (names, colours). Returns the counts written.
+
+    Example:
+        >>> import tempfile, yaml
+        >>> root = Path(tempfile.mkdtemp())
+        >>> write_folder_dataset(root, {"train": 2, "test": 1}, size=(32, 32), mode="imbalanced")
+        {'train': 2, 'test': 1}
+        >>> sorted(p.name for p in (root / "masks" / "test").iterdir())
+        ['test_0000.png']
+        >>> yaml.safe_load((root / "classes.yaml").read_text())["names"][-1]
+        'beacon'
+    """
+    import yaml  # only the dataset writer needs it
+
+    root = Path(root)
+    for split, n in counts.items():
+        images, masks = root / "images" / split, root / "masks" / split
+        for folder in (images, masks):  # a rewrite replaces the split, leaving no stale pairs
+            shutil.rmtree(folder, ignore_errors=True)
+        write_samples(images, n, seed=seed, size=size, split=split, with_masks=True, mode=mode)
+        masks.parent.mkdir(parents=True, exist_ok=True)
+        (images / "masks").replace(masks)
+    classes = {"names": list(class_names(mode)), "colors": [list(c) for c in palette(mode)]}
+    (root / "classes.yaml").write_text(yaml.safe_dump(classes, default_flow_style=None))
+    return dict(counts)

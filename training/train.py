@@ -41,11 +41,12 @@ from training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from training.class_weights import resolve_class_weights
+from training.class_weights import class_presence, resolve_class_weights
 from training.config import ConfigError, Recipe, save_recipe
 from training.losses import TrainingLoss, build_loss
 from training.metrics import ConfusionMatrix
 from training.model import build_model, load_teacher
+from training.repeat_factor import repeat_factors, repeated_indices
 from training.resolve import build_metadata, resolve_preprocess_spec
 from training.schedule import build_optimizer, build_scheduler
 
@@ -160,6 +161,8 @@ def make_loaders(recipe: Recipe, spec: Any, rt: Runtime) -> tuple[DataLoader, Da
     collate = functools.partial(
         segmentation_collate, size_divisor=spec.size_divisor, ignore_index=data.ignore_index
     )
+    if data.rare_repeat is not None:
+        train_ds = rare_repeated(train_ds, data.rare_repeat, recipe.seed)
     sampler = DistributedSampler(
         train_ds, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=recipe.seed
     )
@@ -179,6 +182,19 @@ def make_loaders(recipe: Recipe, spec: Any, rt: Runtime) -> tuple[DataLoader, Da
     return train_loader, val_loader
 
 
+def rare_repeated(train_ds: Any, threshold: float, seed: int) -> Subset:
+    """``train_ds`` with its rare-class images repeated (``data.rare_repeat``); the list is a
+    function of the masks and ``seed`` only, so every rank and a resumed run draw the same."""
+    info = train_ds.info
+    presence = class_presence(train_ds, info.num_classes, info.ignore_index)
+    indices = repeated_indices(repeat_factors(presence, threshold), seed)
+    # One write with its newline: torchrun's ranks share stdout (unbuffered under
+    # PYTHONUNBUFFERED, where print writes text and end separately), so lines must not split.
+    print(f"data.rare_repeat={threshold}: {len(indices)} training samples per epoch "
+          f"from {len(train_ds)} images\n", end="", flush=True)  # fmt: skip
+    return Subset(train_ds, indices)
+
+
 def start_epoch(loader: DataLoader, seed: int, epoch: int, rank: int = 0) -> None:
     """Make this epoch's shuffling and augmentations a function of (seed, epoch, rank) only.
 
@@ -187,7 +203,10 @@ def start_epoch(loader: DataLoader, seed: int, epoch: int, rank: int = 0) -> Non
     loader.sampler.set_epoch(epoch)
     stream = _epoch_seed(seed, epoch) + 7919 * rank
     loader.generator.manual_seed(stream)  # DataLoader worker seeds derive from it
-    reseed = getattr(getattr(loader.dataset, "transform", None), "reseed", None)
+    dataset = loader.dataset
+    while isinstance(dataset, Subset):  # data.rare_repeat wraps the dataset
+        dataset = dataset.dataset
+    reseed = getattr(getattr(dataset, "transform", None), "reseed", None)
     if reseed is not None:
         reseed(stream)  # the main-process stream (num_workers=0)
 

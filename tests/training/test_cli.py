@@ -117,8 +117,8 @@ def test_evaluate_a_split_with_tta_from_the_command_line(tmp_path: Path, capsys)
 
     assert main(["evaluate", "--run-dir", str(run_dir), "--scales", "big"]) == 2
     assert "--scales 'big': expected comma-separated factors" in capsys.readouterr().err
-    assert main(["evaluate", "--run-dir", str(run_dir), "--split", "test"]) == 2
-    assert "synthetic data has splits train and val only" in capsys.readouterr().err
+    assert main(["evaluate", "--run-dir", str(run_dir), "--split", "holdout"]) == 2
+    assert "synthetic data has splits train, val and test" in capsys.readouterr().err
     assert main(["evaluate", "--run-dir", str(run_dir), "--out", str(tmp_path / "mine")]) == 0
     assert (tmp_path / "mine" / "metrics.json").is_file()
 
@@ -167,3 +167,26 @@ def test_train_evaluate_export_predict(tmp_path: Path, capsys: pytest.CaptureFix
     assert mask.mode == "P" and mask.size == (70, 50)
     assert np.asarray(mask).max() < 6
     assert mask.getpalette()[3:6] == [230, 25, 75]  # class 1's colour from the metadata
+
+
+def test_samples_writes_a_folder_dataset_the_folder_recipe_reads(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "imbalanced"
+    args = ["samples", "--out-dir", str(root), "--mode", "imbalanced", "--size", "64", "64"]
+    assert main([*args, "--splits", "train=3,val=1,test=2"]) == 0
+    assert "wrote a folder dataset (train: 3, val: 1, test: 2)" in capsys.readouterr().out
+    assert sorted(p.name for p in (root / "masks" / "test").iterdir()) == [
+        "test_0000.png",
+        "test_0001.png",
+    ]
+    config = write_recipe(
+        tmp_path / "r.yaml",
+        {"data": {"kind": "folder", "root": str(root), "input_size": [64, 64]}},
+    )
+    assert main(["check-data", "--config", str(config), "--out", str(tmp_path / "check")]) == 0
+    assert "train: 3 samples, val: 1 samples" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:
+        main([*args, "--splits", "train=3,holdout=1"])
+    assert exited.value.code == 2
+    assert "'holdout=1': expected SPLIT=N with SPLIT in ['train', 'val', 'test']" in (
+        capsys.readouterr().err
+    )

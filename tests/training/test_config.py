@@ -159,3 +159,19 @@ def test_default_recipe_is_the_fast_offline_demo() -> None:
     assert recipe.data.kind == "synthetic"
     assert recipe.model.encoder_weights is None  # no download in the demo
     assert recipe.data.input_size[0] <= 128 and recipe.data.input_size[1] <= 128
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_recipe_builds_its_model(path: Path) -> None:
+    """Its model kwargs are ones the architecture takes (weights left out: no download here)."""
+    import dataclasses
+
+    import torch
+
+    from training.model import build_model
+
+    recipe = load_recipe(path)
+    model = build_model(dataclasses.replace(recipe.model, encoder_weights=None), num_classes=3)
+    with torch.no_grad():
+        logits = model.eval()(torch.zeros(1, 3, 64, 64))
+    assert tuple(logits.shape) == (1, 3, 64, 64)

@@ -120,8 +120,10 @@ def test_synthetic_accepts_recipe_split_names_and_refuses_others():
     cfg = _synthetic_cfg(train_split="training", val_split="validation")
     assert len(build_dataset(cfg, "training", SPEC, train=False)) == 6
     assert len(build_dataset(cfg, "val", SPEC, train=False)) == 3
-    with pytest.raises(DataError, match="train and val only"):
-        build_dataset(cfg, "test", SPEC, train=False)
+    test = build_dataset(cfg, "test", SPEC, train=False)  # its own scenes, num_val of them
+    assert len(test) == 3 and test.load_raw(0)[2] == "synthetic/test/000000"
+    with pytest.raises(DataError, match="splits train, val and test"):
+        build_dataset(cfg, "holdout", SPEC, train=False)
 
 
 def test_index_out_of_range_raises_index_error():

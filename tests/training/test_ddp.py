@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,43 @@ def test_val_confusion_matrix_equals_a_single_process_evaluation(ddp_run) -> Non
     assert sum(map(sum, ddp_matrix)) == 5 * 64 * 64  # every val pixel exactly once
     single = run_evaluation(run_dir, last)
     assert single["confusion_matrix"] == ddp_matrix
+
+
+@pytest.mark.slow
+def test_torchrun_draws_one_split_and_one_repeat_list_for_both_ranks(tmp_path: Path) -> None:
+    """A flat folder (no split folders) under data.split and data.rare_repeat on 2 ranks: rank 0
+    writes the lists once, both ranks train and validate on that split, repeats included."""
+    from training.synthetic import write_folder_dataset
+
+    root = tmp_path / "flat"
+    write_folder_dataset(root, {"train": 14}, seed=3, size=(64, 64), mode="imbalanced")
+    for folder in ("images", "masks"):  # flatten: images/*.png + masks/*.png
+        (root / folder / "train").rename(root / f"{folder}.tmp")
+        (root / folder).rmdir()
+        (root / f"{folder}.tmp").rename(root / folder)
+    recipe = RECIPE | {
+        "data": RECIPE["data"] | {"kind": "folder", "root": str(root),
+                                  "split": {"val": 0.3, "seed": 1}, "rare_repeat": 0.5},
+    }  # fmt: skip
+    recipe["data"].pop("synthetic")
+    config = tmp_path / "split.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "training", "train", "--config", str(config), "--run-dir", str(run_dir),
+    ]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    splits = run_dir / "splits"
+    lists = {n: (splits / f"{n}.txt").read_text().splitlines() for n in ("train", "val")}
+    assert len(lists["val"]) == 4 and len(lists["train"]) == 10
+    # Each rank printed the same repeat list length (it is drawn from the masks and the seed).
+    repeats = re.findall(r"data\.rare_repeat=0\.5: (\d+) training samples per epoch from (\d+)",
+                         proc.stdout)  # fmt: skip
+    assert len(repeats) == 2 and repeats[0] == repeats[1] and repeats[0][1] == "10", proc.stdout
+    matrix = load_checkpoint(run_dir / "checkpoints" / "last.pt")["metrics"]["confusion_matrix"]
+    assert sum(map(sum, matrix)) == 4 * 64 * 64  # the 4 val images of the drawn split, once each
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["metadata"]["class_names"][-1] \
+        == "beacon"  # fmt: skip

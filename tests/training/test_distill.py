@@ -234,21 +234,30 @@ def test_torchrun_distils_with_a_teacher_per_rank(random_teacher: Path, tmp_path
 
 # --- a trained teacher and two students ---------------------------------------------------------
 
-# The embedded scenes as both teacher and students see them: 64 training scenes of 64 px.
-SCENES: dict[str, Any] = {
-    "seed": 0,
-    "data": {
-        "input_size": [64, 64],
-        "batch_size": 4,
-        "synthetic": {"num_train": 64, "num_val": 32, "image_size": [64, 64]},
-    },
-    "optim": {"lr": 0.003},
-    "train": {"epochs": 8, "amp": "off", "threads": 1, "progress": False},
-}
-# A resnet18 Unet, more epochs: ~0.59 val mIoU in ~30 s.
-TEACHER = ["model.kwargs={encoder_depth: 3, decoder_channels: [32, 16, 16]}", "train.epochs=10"]
-# A half-width BiSeNetV2 (~1/18 of the teacher's weights): ~0.27-0.32 val mIoU in 8 epochs.
-STUDENT = ["model.arch=BiSeNetV2", "model.kwargs={width: 0.5, head_channels: 64, aux_channels: 32}"]
+
+# The embedded scenes of 64 px: the teacher learns 256 of them, the students only 32 (the
+# deployment story: a big model trained on everything teaches a small one on what it is given).
+def scenes(num_train: int, seed: int) -> dict[str, Any]:
+    return {
+        "seed": seed,
+        "data": {
+            "input_size": [64, 64],
+            "batch_size": 4,
+            "synthetic": {"num_train": num_train, "num_val": 32, "image_size": [64, 64]},
+        },
+        "optim": {"lr": 0.003},
+        "train": {"epochs": 8, "amp": "off", "threads": 1, "progress": False},
+    }
+
+
+# A resnet18 Unet: ~0.72 val mIoU in 8 epochs (~1.5 min here).
+TEACHER = ["model.kwargs={encoder_depth: 3, decoder_channels: [32, 16, 16]}"]
+# A half-width BiSeNetV2 (~1/18 of the teacher's weights), 30 epochs of its 32 scenes (~1 min).
+STUDENT = [
+    "model.arch=BiSeNetV2",
+    "model.kwargs={width: 0.5, head_channels: 64, aux_channels: 32}",
+    "train.epochs=30",
+]
 
 
 def val_kl_to_teacher(student_run: Path, teacher_run: Path, temperature: float) -> float:
@@ -268,30 +277,30 @@ def val_kl_to_teacher(student_run: Path, teacher_run: Path, temperature: float) 
 
 
 @pytest.mark.slow
-def test_a_distilled_student_learns_its_teacher(tmp_path: Path) -> None:
-    """Teacher, then a BiSeNetV2 student with and without it, equal seed and epochs: the
-    distilled student's val predictions are much closer to the teacher's (KL at T = 2).
+def test_a_distilled_student_beats_the_same_recipe_without_its_teacher(tmp_path: Path) -> None:
+    """Teacher, then a BiSeNetV2 student with and without it, equal seed, data and epochs: the
+    distilled student has the higher val mIoU, and its predictions are closer to the teacher's.
 
-    Measured here, seeds 0-5: the KL falls to 0.80, 0.77, 0.75, 0.74, 0.83, 0.76 of the plain
-    student's. The val mIoU does NOT rise at this budget: plain -> distilled 0.268 -> 0.279,
-    0.306 -> 0.305, 0.324 -> 0.318, 0.278 -> 0.278, 0.345 -> 0.315, 0.326 -> 0.304; no setting
-    tried (students of 0.25 and 0.5 width, 6-12 epochs, teachers of 0.49-0.65 mIoU, weight
-    0.5-3, T 1-4) gave a gain stable over seeds, so this test does not claim one.
+    Measured here (teacher 0.711), plain -> distilled val mIoU, seeds 0-5: 0.204 -> 0.364,
+    0.292 -> 0.370, 0.357 -> 0.406, 0.404 -> 0.350, 0.402 -> 0.403, 0.270 -> 0.398 (mean 0.322
+    -> 0.382; seed 3 is the one loss). This test runs seed 1 (KL 1.048 -> 0.633, deterministic
+    on 1 thread), so a change that stops the teacher helping fails it. Students given the
+    teacher's 256 scenes themselves gained nothing stable (seeds 0-5 at 8 epochs: -0.03 to
+    +0.01): the teacher's soft labels pay where the student has less data than the teacher had.
     """
     teacher = tmp_path / "teacher"
-    taught = train(apply_overrides(recipe_from_dict(SCENES), TEACHER), teacher)
+    taught = train(apply_overrides(recipe_from_dict(scenes(256, 0)), TEACHER), teacher)
     runs = {}
     for name, extra in (("plain", []), ("distilled", [distill(teacher, 1.0, 2.0)])):
-        runs[name] = train(
-            apply_overrides(recipe_from_dict(SCENES), STUDENT + extra), tmp_path / name
-        )
-    assert taught["best_miou"] > runs["plain"]["final"]["val_miou"] + 0.2  # a teacher worth it
-    plain = val_kl_to_teacher(tmp_path / "plain", teacher, 2.0)
-    distilled = val_kl_to_teacher(tmp_path / "distilled", teacher, 2.0)
+        recipe = apply_overrides(recipe_from_dict(scenes(32, 1)), STUDENT + extra)
+        runs[name] = train(recipe, tmp_path / name)["final"]["val_miou"]
+    plain_kl = val_kl_to_teacher(tmp_path / "plain", teacher, 2.0)
+    distilled_kl = val_kl_to_teacher(tmp_path / "distilled", teacher, 2.0)
     print(
-        f"teacher mIoU {taught['best_miou']:.3f}; student mIoU plain "
-        f"{runs['plain']['final']['val_miou']:.3f}, distilled "
-        f"{runs['distilled']['final']['val_miou']:.3f}; KL to the teacher {plain:.3f} -> "
-        f"{distilled:.3f}"
+        f"teacher mIoU {taught['best_miou']:.3f}; student mIoU plain {runs['plain']:.3f}, "
+        f"distilled {runs['distilled']:.3f}; KL to the teacher {plain_kl:.3f} -> "
+        f"{distilled_kl:.3f}"
     )
-    assert distilled < 0.9 * plain
+    assert taught["best_miou"] > runs["plain"] + 0.2  # a teacher worth learning from
+    assert runs["distilled"] > runs["plain"]
+    assert distilled_kl < 0.9 * plain_kl

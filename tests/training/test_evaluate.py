@@ -202,8 +202,8 @@ def test_other_splits_and_tta_write_their_own_folder_and_leave_eval_alone(tmp_pa
 
 def test_unknown_split_data_root_and_window_are_clear_errors(tmp_path: Path) -> None:
     run_dir = tiny_run(tmp_path)
-    with pytest.raises(DataError, match="synthetic data has splits train and val only"):
-        run_evaluation(run_dir, split="test")
+    with pytest.raises(DataError, match="synthetic data has splits train, val and test"):
+        run_evaluation(run_dir, split="holdout")
     with pytest.raises(DataError, match="--data-root .*data.kind=synthetic.*drop --data-root"):
         run_evaluation(run_dir, data_root=tmp_path)
     with pytest.raises(InferenceError, match="--window 48x48: each side must be a multiple of 32"):

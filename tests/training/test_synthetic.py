@@ -12,6 +12,7 @@ from training.synthetic import (
     generate_scene,
     palette,
     scene_index,
+    write_folder_dataset,
     write_samples,
 )
 
@@ -88,14 +89,13 @@ def test_most_scenes_hold_several_classes():
     assert several >= 14
 
 
-def test_scene_index_makes_train_and_val_disjoint():
+def test_scene_index_makes_train_val_and_test_disjoint():
     assert scene_index("train", 0) == 0
     assert scene_index("val", 0) == VAL_INDEX_OFFSET
-    train = {scene_index("train", i) for i in range(1000)}
-    val = {scene_index("val", i) for i in range(1000)}
-    assert not train & val
+    train, val, test = ({scene_index(s, i) for i in range(1000)} for s in ("train", "val", "test"))
+    assert not train & val and not train & test and not val & test
     with pytest.raises(ValueError, match="not one of"):
-        scene_index("test", 0)
+        scene_index("holdout", 0)
     with pytest.raises(ValueError, match="must be in"):
         scene_index("train", VAL_INDEX_OFFSET)
 
@@ -216,3 +216,21 @@ def test_the_recipe_selects_the_mode():
     assert dataset_info(recipe.data).class_names == class_names(IMB)
     with pytest.raises(ConfigError, match=r"data.synthetic.mode: 'rare' is not one of"):
         recipe_from_dict({"data": {"synthetic": {"mode": "rare"}}})
+
+
+def test_folder_dataset_is_read_by_the_folder_reader(tmp_path):
+    """The written layout is what data.kind: folder reads: same pixels, same class ids."""
+    from handler.preprocessing import PreprocessSpec
+    from training.config import DataConfig
+    from training.datasets import build_dataset
+
+    write_folder_dataset(tmp_path, {"train": 3, "test": 2}, seed=4, size=(40, 56), mode=IMB)
+    cfg = DataConfig(kind="folder", root=str(tmp_path), input_size=(64, 64))
+    test = build_dataset(cfg, "test", PreprocessSpec((64, 64)), train=False)
+    assert len(test) == 2 and test.info.class_names == class_names(IMB)
+    rgb, mask, _ = test.load_raw(1)
+    want_rgb, want_mask = generate_scene(4, scene_index("test", 1), (40, 56), IMB)
+    assert (rgb == want_rgb).all() and (mask == want_mask).all()
+    write_folder_dataset(tmp_path, {"test": 1}, seed=4, size=(40, 56), mode=IMB)  # rewrites
+    for folder in ("images", "masks"):
+        assert [p.name for p in (tmp_path / folder / "test").iterdir()] == ["test_0000.png"]
