@@ -209,11 +209,25 @@ class PageDriver:
         return {k: element.get_attribute(f"data-{k}") for k in keys} | {"text": element.text}
 
     def image_size(self, elem_id: str) -> tuple[int, int] | None:
-        """The natural (width, height) of the image shown in ``#elem_id``, None if none."""
-        if not self._loaded(elem_id):
+        """The natural (width, height) of the image shown in ``#elem_id``, None if none.
+
+        One script reads "loaded" and the size together: a webcam stream replaces the image
+        between two calls, and the newer one may not be decoded yet (size 0 x 0)."""
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        images = self._find(f"#{elem_id} img")
+        if not images:
             return None
-        image = self._find(f"#{elem_id} img")[0]
-        return (int(image.get_attribute("naturalWidth")), int(image.get_attribute("naturalHeight")))
+        try:
+            size = self.driver.execute_script(
+                "const i = arguments[0];"
+                "if (!i.complete || i.naturalWidth === 0) return null;"
+                "return [i.naturalWidth, i.naturalHeight]",
+                images[0],
+            )
+        except StaleElementReferenceException:  # replaced by a newer frame/answer: not yet
+            return None
+        return (int(size[0]), int(size[1])) if size else None
 
     def image_bytes(self, elem_id: str) -> bytes:
         """The file behind the image shown in ``#elem_id``, fetched as the browser would."""
