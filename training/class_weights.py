@@ -96,10 +96,9 @@ def _histograms(
     dataset: Any, num_classes: int, ignore_index: int, rank: int, world_size: int
 ) -> Iterator[tuple[np.ndarray, int]]:
     """(class histogram, labelled pixels) of each mask of this rank's share of ``dataset``."""
-    base, indices = dataset, list(range(len(dataset)))
-    while isinstance(base, torch.utils.data.Subset):
-        indices = [base.indices[i] for i in indices]
-        base = base.dataset
+    from training.datasets import unwrap_subsets  # the readers' module, loaded by training
+
+    base, indices = unwrap_subsets(dataset)
     load = getattr(base, "load_mask", None) or (lambda i: base.load_raw(i)[1])
     for i in indices[rank::world_size]:
         mask = np.asarray(load(i))

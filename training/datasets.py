@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -644,6 +645,22 @@ def build_dataset(
         samples = folder_kind_samples(cfg, root, name) or folder_samples(root, name)
         decode = folder_decoder(read_classes_yaml(root), info.ignore_index)
     return dataset_cls(info, transform, samples, decode if remap is None else remap.wrap(decode))
+
+
+def unwrap_subsets(dataset: Any) -> tuple[Any, list[int]]:
+    """The dataset under any ``Subset`` wrappers (``data.rare_repeat``, a drawn split) and the
+    indices into it that ``dataset``'s items are, in order.
+
+    Example:
+        >>> base = list("abc")
+        >>> unwrap_subsets(torch.utils.data.Subset(torch.utils.data.Subset(base, [2, 0]), [1, 1]))
+        (['a', 'b', 'c'], [0, 0])
+    """
+    base, indices = dataset, list(range(len(dataset)))
+    while isinstance(base, torch.utils.data.Subset):
+        indices = [base.indices[i] for i in indices]
+        base = base.dataset
+    return base, indices
 
 
 def segmentation_collate(

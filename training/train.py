@@ -203,9 +203,9 @@ def start_epoch(loader: DataLoader, seed: int, epoch: int, rank: int = 0) -> Non
     loader.sampler.set_epoch(epoch)
     stream = _epoch_seed(seed, epoch) + 7919 * rank
     loader.generator.manual_seed(stream)  # DataLoader worker seeds derive from it
-    dataset = loader.dataset
-    while isinstance(dataset, Subset):  # data.rare_repeat wraps the dataset
-        dataset = dataset.dataset
+    from training.datasets import unwrap_subsets
+
+    dataset, _ = unwrap_subsets(loader.dataset)  # data.rare_repeat wraps the dataset
     reseed = getattr(getattr(dataset, "transform", None), "reseed", None)
     if reseed is not None:
         reseed(stream)  # the main-process stream (num_workers=0)

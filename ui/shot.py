@@ -184,15 +184,7 @@ class PageDriver:
         return "ok"
 
     def _loaded(self, elem_id: str) -> bool:
-        from selenium.common.exceptions import StaleElementReferenceException
-
-        images = self._find(f"#{elem_id} img")
-        try:
-            return bool(images) and self.driver.execute_script(
-                "return arguments[0].complete && arguments[0].naturalWidth > 0", images[0]
-            )
-        except StaleElementReferenceException:  # replaced by a newer frame/answer: not yet
-            return False
+        return self.image_size(elem_id) is not None
 
     def error_text(self) -> str:
         return self._find("#segserve-error")[0].text

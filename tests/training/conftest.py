@@ -6,11 +6,16 @@ exact mapping (Cityscapes labelIds → train ids, VOC palette indices, folder co
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from tests.k8s import background_build
@@ -21,6 +26,23 @@ from training.model import build_model
 from training.resolve import build_metadata, resolve_preprocess_spec
 
 H, W = 24, 32
+REPO = Path(__file__).resolve().parents[2]
+
+
+def torchrun_train(recipe: dict[str, Any], tmp: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """Train ``recipe`` on 2 CPU ranks (torchrun, one thread each) into ``tmp/run``; the run
+    must succeed. Returns the run dir and the finished process (its stdout holds both ranks')."""
+    config = tmp / "recipe.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    run_dir = tmp / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "training", "train", "--config", str(config), "--run-dir", str(run_dir),
+    ]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return run_dir, proc
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from training.checkpoint import load_checkpoint
 
-REPO = Path(__file__).resolve().parents[2]
+from .conftest import torchrun_train
 
 RECIPE = {
     "name": "ddp",
@@ -31,18 +28,7 @@ RECIPE = {
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
-    tmp = tmp_path_factory.mktemp("ddp")
-    config = tmp / "ddp.yaml"
-    config.write_text(yaml.safe_dump(RECIPE))
-    run_dir = tmp / "run"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "training", "train", "--config", str(config), "--run-dir", str(run_dir),
-    ]  # fmt: skip
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return run_dir, proc
+    return torchrun_train(RECIPE, tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.mark.slow
@@ -89,16 +75,7 @@ def test_torchrun_draws_one_split_and_one_repeat_list_for_both_ranks(tmp_path: P
                                   "split": {"val": 0.3, "seed": 1}, "rare_repeat": 0.5},
     }  # fmt: skip
     recipe["data"].pop("synthetic")
-    config = tmp_path / "split.yaml"
-    config.write_text(yaml.safe_dump(recipe))
-    run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "training", "train", "--config", str(config), "--run-dir", str(run_dir),
-    ]  # fmt: skip
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_dir, proc = torchrun_train(recipe, tmp_path)
     splits = run_dir / "splits"
     lists = {n: (splits / f"{n}.txt").read_text().splitlines() for n in ("train", "val")}
     assert len(lists["val"]) == 4 and len(lists["train"]) == 10

@@ -4,9 +4,6 @@ student that learns more with its teacher than without at equal epochs."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +18,8 @@ from training.losses import distillation_loss
 from training.model import load_teacher
 from training.train import train
 
-from .conftest import write_untrained_checkpoint
+from .conftest import torchrun_train, write_untrained_checkpoint
 
-REPO = Path(__file__).resolve().parents[2]
 IGNORE = 255
 
 # A recipe that trains in seconds (8 scenes of 64 px, a 3-stage resnet18 Unet), as in test_train.
@@ -216,16 +212,7 @@ def test_resume_with_a_teacher_equals_an_uninterrupted_run(
 @pytest.mark.slow
 def test_torchrun_distils_with_a_teacher_per_rank(random_teacher: Path, tmp_path: Path) -> None:
     """2 CPU ranks on gloo, each rebuilding the teacher; rank 0 writes one run."""
-    recipe = tiny(distill(random_teacher)).to_dict()
-    config = tmp_path / "distill.yaml"
-    config.write_text(yaml.safe_dump(recipe))
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "training", "train", "--config", str(config), "--run-dir", str(tmp_path / "run"),
-    ]  # fmt: skip
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun_train(tiny(distill(random_teacher)).to_dict(), tmp_path)
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert ckpt["epoch"] == 2 and ckpt["global_step"] == 2  # 8 images / 2 ranks / batch 4
     assert ckpt["recipe"]["train"]["distill"]["teacher"] == str(random_teacher)
