@@ -23,6 +23,7 @@ import functools
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,10 +189,11 @@ def rare_repeated(train_ds: Any, threshold: float, seed: int) -> Subset:
     info = train_ds.info
     presence = class_presence(train_ds, info.num_classes, info.ignore_index)
     indices = repeated_indices(repeat_factors(presence, threshold), seed)
-    # One write with its newline: torchrun's ranks share stdout (unbuffered under
-    # PYTHONUNBUFFERED, where print writes text and end separately), so lines must not split.
-    print(f"data.rare_repeat={threshold}: {len(indices)} training samples per epoch "
-          f"from {len(train_ds)} images\n", end="", flush=True)  # fmt: skip
+    # One write with its newline, not print() (text and end are two writes): torchrun's ranks
+    # share an unbuffered stdout (PYTHONUNBUFFERED), where two ranks' lines ran together.
+    sys.stdout.write(f"data.rare_repeat={threshold}: {len(indices)} training samples per "
+                     f"epoch from {len(train_ds)} images\n")  # fmt: skip
+    sys.stdout.flush()
     return Subset(train_ds, indices)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -88,3 +90,28 @@ def test_a_run_shows_the_rare_class_images_more_often(tmp_path: Path, capsys) ->
     # Class weights count the masks as the epoch shows them (repeats included).
     report = json.loads((tmp_path / "run" / "class_weights.json").read_text())
     assert report["num_images"] == len(loader.dataset)
+
+
+def test_the_epoch_length_line_is_one_write(monkeypatch) -> None:
+    """torchrun's ranks share stdout: print() writes its text and its newline separately, and
+    two ranks' lines ran together (seen once in the DDP test), so the line is a single write."""
+    from training.datasets import build_dataset
+    from training.resolve import resolve_preprocess_spec
+    from training.train import rare_repeated
+
+    recipe = recipe_from_dict(
+        {"data": {"input_size": [32, 32], "synthetic": {
+            "num_train": 8, "num_val": 2, "image_size": [32, 32], "mode": "imbalanced"}}}
+    )  # fmt: skip
+    dataset = build_dataset(recipe.data, "train", resolve_preprocess_spec(recipe), train=True)
+    writes: list[str] = []
+
+    class Recorder(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+    monkeypatch.setattr(sys, "stdout", Recorder())
+    rare_repeated(dataset, 0.5, seed=0)
+    assert len(writes) == 1 and writes[0].startswith("data.rare_repeat=0.5: ")
+    assert writes[0].endswith(" images\n")
