@@ -4,8 +4,10 @@ For each workload (the demo model fed 640x480 JPEGs; a 512x512 model fed 1920x10
 camera-frame case where decode, resize, upsampling and PNG encoding are a real share) and each
 runtime the export carries:
 
-* ``limit``    the best in-process forward throughput over processes x threads x batch
-  (:mod:`benchmarks.limit`): what the hardware gives this model with nothing else running;
+* ``limit``    the best in-process throughput of the served pipeline (decode, resize,
+  forward, upsample, PNG) on the same JPEGs, over processes x threads x batch
+  (:mod:`benchmarks.limit`): what this machine gives this work per image with no server in
+  the way; the same sweep of forwards alone is reported beside it;
 * ``in-process pipeline`` decode → resize → forward → upsample/argmax → PNG, one image at a
   time with one worker's threads: the floor a served request at concurrency 1 is held to;
 * ``segserve`` through TorchServe over REST and gRPC at concurrency 1, 4 and 8, from an archive
@@ -43,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.limit import Layout, sweep
+from benchmarks.limit import Layout, forward_work, sweep
 from handler.artifact import METADATA_FILE, MODEL_FILE, load_metadata
 from serving.archive import ArchiveOptions
 
@@ -210,14 +212,18 @@ def load_for_bench(export_dir: Path, runtime: str, threads: int):
     return load_model(export_dir / RUNTIME_FILES[runtime], runtime, "cpu", threads)
 
 
-def pipeline_row(
-    workload: Workload, runtime: str, image: bytes, threads: int, requests: int
-) -> Row:
-    """The served path in-process, one image at a time: decode → resize → forward → upsample
-    and argmax → PNG, with one worker's torch threads."""
+def pipeline_work(
+    export_dir: Path, runtime: str, images: list[bytes], threads: int, batch: int
+) -> Callable[[], int]:
+    """The served path in-process for ``batch`` of ``images`` (cycled): decode → resize →
+    ONE forward → upsample and argmax → PNG, each step the handler's own function. A
+    :data:`benchmarks.limit.WorkMaker` through ``functools.partial(pipeline_work, export_dir,
+    runtime, images)``; ``run()`` returns the images done, ``run.last_size`` the last body's
+    bytes."""
+    import itertools
+
     import torch
 
-    from handler.artifact import load_metadata
     from handler.imaging import DEFAULT_MAX_PIXELS, decode_image
     from handler.postprocess import encode_output
     from handler.preprocessing import (
@@ -227,19 +233,39 @@ def pipeline_row(
         rgb_array_to_tensor,
     )
 
+    meta = load_metadata(export_dir / METADATA_FILE)
+    model = load_for_bench(export_dir, runtime, threads)
+    cycle = itertools.cycle(images)
+
+    def run() -> int:
+        decoded = [decode_image(next(cycle), DEFAULT_MAX_PIXELS) for _ in range(batch)]
+        prepared = [prepare_image(rgb_array_to_tensor(rgb), meta.preprocess) for rgb in decoded]
+        with torch.inference_mode():
+            logits = model(collate([x for x, _ in prepared], meta.preprocess))
+        for j, (rgb, (_, geometry)) in enumerate(zip(decoded, prepared, strict=True)):
+            mask, _ = logits_to_prediction(logits[j], geometry, with_confidence=False)
+            run.last_size = len(encode_output("mask", rgb, mask.numpy(), None, meta))
+        return batch
+
+    run.last_size = 0
+    return run
+
+
+def pipeline_row(
+    workload: Workload, runtime: str, image: bytes, threads: int, requests: int
+) -> Row:
+    """The served path in-process, one image at a time with one worker's torch threads: what
+    a served request at concurrency 1 is held to."""
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        meta = load_metadata(workload.export_dir / METADATA_FILE)
-        model = load_for_bench(workload.export_dir, runtime, threads)
+        run = pipeline_work(workload.export_dir, runtime, [image], threads, 1)
 
         def call() -> int:
-            rgb = decode_image(image, DEFAULT_MAX_PIXELS)
-            x, geometry = prepare_image(rgb_array_to_tensor(rgb), meta.preprocess)
-            with torch.inference_mode():
-                logits = model(collate([x], meta.preprocess))
-            mask, _ = logits_to_prediction(logits[0], geometry, with_confidence=False)
-            return len(encode_output("mask", rgb, mask.numpy(), None, meta))
+            run()
+            return run.last_size
 
         p50, p95, rps, size = measure(call, requests, 1)
     finally:
@@ -407,20 +433,28 @@ def targets(
 def render(
     rows: list[Row],
     limits: dict[tuple[str, str], Layout],
-    sweeps: dict[tuple[str, str], list[Layout]],
+    sweeps: dict[str, dict[tuple[str, str], list[Layout]]],
     stages: dict[tuple[str, str], dict[str, float]],
     info: dict[str, object],
 ) -> str:
-    """The markdown report: machine, limits, every row as a fraction of its limit, targets."""
+    """The markdown report: machine, limits, every row as a fraction of its limit, targets.
+    ``sweeps`` holds the ``pipeline`` sweep (the limit) and the ``forwards`` one."""
     lines = [f"# segserve benchmark {info['date']}", ""]
     lines += [f"- {k}: {v}" for k, v in info.items() if k != "date"]
-    lines += ["", "## The limit (in-process forward only, best layout first)", "",
-              "| workload | runtime | processes x threads | batch | img/s |",
-              "|---|---|---|---:|---:|"]  # fmt: skip
-    for (workload, runtime), found in sweeps.items():
-        for layout in found:
-            lines.append(f"| {workload} | {runtime} | {layout.processes} x {layout.threads} | "
-                         f"{layout.batch} | {layout.images_per_s:.1f} |")  # fmt: skip
+    titles = {
+        "pipeline": "The limit: the served pipeline in-process on the same JPEGs (decode, "
+        "resize, forward, upsample, PNG), best layout first",
+        "forwards": "Forwards alone on a random batch (the model's arithmetic), best first",
+    }
+    for kind, title in titles.items():
+        lines += ["", f"## {title}", "",
+                  "| workload | runtime | processes x threads | batch | img/s |",
+                  "|---|---|---|---:|---:|"]  # fmt: skip
+        for (workload, runtime), found in sweeps.get(kind, {}).items():
+            for layout in found:
+                shape = f"{layout.processes} x {layout.threads}"
+                lines.append(f"| {workload} | {runtime} | {shape} | {layout.batch} | "
+                             f"{layout.images_per_s:.1f} |")  # fmt: skip
     lines += ["", "## Served, in-process and naive rows", "",
               "| workload | configuration | runtime | protocol | conc. | p50 ms | p95 ms | img/s "
               "| of limit | vs naive | bytes |",
@@ -490,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     layout = plan(cores)
     rows: list[Row] = []
     sweeps: dict[tuple[str, str], list[Layout]] = {}
+    forwards: dict[tuple[str, str], list[Layout]] = {}
     limits: dict[tuple[str, str], Layout] = {}
     stages: dict[tuple[str, str], dict[str, float]] = {}
     described = []
@@ -505,10 +540,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{workload.image_size[0]} JPEGs (~{len(images[0]) // 1024} KiB)"
             )
             for runtime in export_runtimes(workload.export_dir):
+                key = (workload.name, runtime)
                 load = functools.partial(load_for_bench, workload.export_dir, runtime)
-                found = sweep(load, size, cores, seconds=args.sweep_seconds)
-                sweeps[(workload.name, runtime)] = found
-                limits[(workload.name, runtime)] = found[0]
+                forward = functools.partial(forward_work, load, size)
+                forwards[key] = sweep(forward, cores, seconds=args.sweep_seconds)
+                served_path = functools.partial(pipeline_work, workload.export_dir, runtime, images)
+                sweeps[key] = sweep(served_path, cores, seconds=args.sweep_seconds)
+                limits[key] = sweeps[key][0]
                 rows.append(
                     pipeline_row(workload, runtime, images[0], layout.threads, args.requests)
                 )
@@ -528,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         "workloads": "; ".join(described),
         "requests per served row": args.requests,
     }
-    table = render(rows, limits, sweeps, stages, info)
+    table = render(rows, limits, {"pipeline": sweeps, "forwards": forwards}, stages, info)
     print(table)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / now.strftime("%Y-%m-%d")
@@ -536,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "machine": info,
         "limits": {f"{w}/{r}": [asdict(x) for x in v] for (w, r), v in sweeps.items()},
+        "forward_only": {f"{w}/{r}": [asdict(x) for x in v] for (w, r), v in forwards.items()},
         "stages_ms_per_image": {f"{w}/{r}": v for (w, r), v in stages.items()},
         "rows": [asdict(r) for r in rows],
     }

@@ -1,10 +1,19 @@
 """The machine's in-process limit for a model: the best images/s any processes x threads x batch
-layout reaches on the same input, with nothing but the forward running.
+layout reaches, with no server in the way.
+
+Two kinds of work are swept, each by a picklable *maker* ``make(threads, batch) -> run`` whose
+``run()`` processes one batch and returns how many images it finished:
+
+* :func:`forward_work`: forwards alone on a random batch, what the model's arithmetic allows;
+* the served pipeline on the same JPEGs the served rows get (decode → resize → forward →
+  upsample/argmax → PNG; ``benchmarks.bench.pipeline_work``): what a server doing the
+  same work per image could reach if serving itself cost nothing. This is *the* limit the
+  served rows are held to.
 
 Each layout starts ``processes`` fresh Python processes (spawned, so no state is shared); each
-loads the model with ``threads`` intra-op threads, warms up, waits at a barrier, then runs
-forwards of ``batch`` images for ``seconds``. The layout's throughput is all images finished by
-all processes over the wall time. :func:`sweep` returns every layout, best first.
+builds its work with ``threads`` intra-op threads, warms up, waits at a barrier, then runs
+batches for ``seconds``. The layout's throughput is all images finished by all processes over
+the wall time. :func:`sweep` returns every layout, best first.
 
 Example:
     >>> layouts(cores=2)
@@ -17,7 +26,9 @@ import multiprocessing as mp
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+
+# make(threads, batch) -> run; run() -> images finished.
+WorkMaker = Callable[[int, int], Callable[[], int]]
 
 
 @dataclass(frozen=True)
@@ -41,11 +52,27 @@ def layouts(cores: int) -> list[tuple[int, int]]:
     return pairs
 
 
+def forward_work(
+    load: Callable[[int], Callable], size: tuple[int, int], threads: int, batch: int
+) -> Callable[[], int]:
+    """Forwards only: ``load(threads)``'s model on a random ``(batch, 3, *size)`` input.
+    Use ``functools.partial(forward_work, load, size)`` as a maker."""
+    import torch
+
+    model = load(threads)
+    x = torch.randn(batch, 3, *size)
+
+    def run() -> int:
+        model(x)
+        return batch
+
+    return run
+
+
 def _worker(
-    load: Callable[[int], Callable],
+    make: WorkMaker,
     threads: int,
     batch: int,
-    size: tuple[int, int],
     seconds: float,
     barrier: mp.synchronize.Barrier,
     counts: mp.Queue,
@@ -53,35 +80,28 @@ def _worker(
     import torch
 
     torch.set_num_threads(threads)
-    model = load(threads)
-    x = torch.randn(batch, 3, *size)
+    run = make(threads, batch)
     with torch.inference_mode():
         for _ in range(2):
-            model(x)
+            run()
         barrier.wait()
         done, deadline = 0, time.perf_counter() + seconds
         while time.perf_counter() < deadline:
-            model(x)
-            done += batch
+            done += run()
     counts.put((done, time.perf_counter()))
 
 
 def measure_layout(
-    load: Callable[[int], Callable],
-    processes: int,
-    threads: int,
-    batch: int,
-    size: tuple[int, int],
-    seconds: float = 4.0,
+    make: WorkMaker, processes: int, threads: int, batch: int, seconds: float = 4.0
 ) -> Layout:
-    """Images/s of ``processes`` processes running ``load(threads)``'s model at ``batch``.
+    """Images/s of ``processes`` processes running ``make(threads, batch)``'s work.
 
-    ``load`` must be picklable (a module-level function or ``functools.partial``)."""
+    ``make`` must be picklable (a module-level function or ``functools.partial``)."""
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(processes + 1)
     counts = ctx.Queue()
     procs = [
-        ctx.Process(target=_worker, args=(load, threads, batch, size, seconds, barrier, counts))
+        ctx.Process(target=_worker, args=(make, threads, batch, seconds, barrier, counts))
         for _ in range(processes)
     ]
     for p in procs:
@@ -96,23 +116,15 @@ def measure_layout(
 
 
 def sweep(
-    load: Callable[[int], Callable],
-    size: tuple[int, int],
+    make: WorkMaker,
     cores: int,
     batches: Sequence[int] = (1, 4),
     seconds: float = 4.0,
 ) -> list[Layout]:
     """Every (processes, threads) layout of :func:`layouts` at each batch size, best first."""
     found = [
-        measure_layout(load, processes, threads, batch, size, seconds)
+        measure_layout(make, processes, threads, batch, seconds)
         for processes, threads in layouts(cores)
         for batch in batches
     ]
     return sorted(found, key=lambda r: r.images_per_s, reverse=True)
-
-
-def load_torchscript(path: Path, threads: int) -> Callable:
-    """A picklable ``load`` for :func:`sweep` (use ``functools.partial(load_torchscript, p)``)."""
-    from handler.runtime import load_scripted_model
-
-    return load_scripted_model(path)

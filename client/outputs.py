@@ -1,6 +1,7 @@
 """What the handler can return, and how a prediction is decoded and saved.
 
-Output formats (chosen per request by the multipart/gRPC field ``output``):
+Output formats (chosen per request by the gRPC field ``output``; REST sends the header
+:data:`OUTPUT_HEADER`, the handler's ``handler.request.OUTPUT_HEADER``):
 
 ========  ==================  =====================================================
 format    file written        content
@@ -31,6 +32,9 @@ import numpy as np
 from client.errors import ConfigurationError
 
 OUTPUT_FORMATS = ("mask", "color", "overlay", "overlay_jpeg", "json")
+# The REST header that names the output format of a raw-body request (the handler reads it
+# case-insensitively; tests/clients/test_live.py serves every format through it).
+OUTPUT_HEADER = "X-Segserve-Output"
 SUFFIXES = {
     "mask": ".mask.png",
     "color": ".color.png",

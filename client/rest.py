@@ -32,7 +32,7 @@ from client.errors import (
     ServerUnavailable,
     WorkerDied,
 )
-from client.outputs import Prediction, check_output
+from client.outputs import OUTPUT_HEADER, Prediction, check_output
 from client.retry import RetryCallback, RetryPolicy, call_with_retry
 from client.tokens import bearer
 from serving.properties import DEFAULT_MODEL_NAME, INFERENCE_PORT, MANAGEMENT_PORT
@@ -147,8 +147,11 @@ class RestClient:
     ) -> Prediction:
         """Segment one encoded image (PNG/JPEG bytes) and return the answer in ``output`` form.
 
-        The image and the output format travel as multipart fields ``data`` and ``output``
-        (TorchServe drops query strings before they reach the handler).
+        The image travels as the raw request body and the output format in the
+        ``X-Segserve-Output`` header (TorchServe drops query strings before they reach the
+        handler). Not multipart: the frontend's form decoder spools every part above 16 KB to
+        a temporary file, which cost 20 % of the served throughput on a 2-core machine
+        (docs/performance.md); the handler still accepts multipart from other clients.
         """
         check_output(output)
         url = f"{self.inference_url}/predictions/{self.model_name}"
@@ -158,8 +161,8 @@ class RestClient:
             "POST",
             url,
             "inference",
-            files={"data": ("image", image, "application/octet-stream")},
-            data={"output": output},
+            data=image,
+            headers={"Content-Type": "application/octet-stream", OUTPUT_HEADER: output},
         )
         return Prediction(resp.content, output, resp.headers.get("Content-Type", ""))
 

@@ -187,14 +187,6 @@ class SegmenterHandler(BaseHandler):
             torch.get_num_threads(),  # what torch really runs with, not what we asked for
         )
 
-    def _reject(self, context, idx: int, error: InputError, telemetry: Telemetry) -> bytes:
-        telemetry.rejected(error.reason)
-        # The phrase is framed by character count but sent as UTF-8 (ts 0.12): ASCII only.
-        context.set_response_status(error.status, error.phrase, idx)
-        context.set_response_content_type(idx, "application/json")
-        logger.info("request %s refused (%d %s): %s", idx, error.status, error.reason, error)
-        return json.dumps(error.body()).encode()
-
     # TorchServe's BaseHandler.handle runs preprocess → inference → postprocess and emits
     # HandlerTime. It would also switch to explain/describe modes on a request header of that
     # name, answering one item for a whole batch (which fails every batch-mate): a client's

@@ -52,7 +52,7 @@ from locust.env import Environment
 from locust.runners import STATE_MISSING, WORKER_REPORT_INTERVAL, MasterRunner, WorkerRunner
 
 from client.errors import ClientError, WorkerDied
-from client.outputs import OUTPUT_FORMATS
+from client.outputs import OUTPUT_FORMATS, OUTPUT_HEADER
 from client.rest import error_from_response
 from client.retry import WORKER_DIED_ONLY
 from client.tokens import resolve_token
@@ -248,7 +248,8 @@ def _retried(error: ClientError | None, worker_deaths: int, attempt: int) -> boo
 
 
 class RestUser(HttpUser):
-    """POST /predictions/<model> with the image and output as multipart fields."""
+    """POST /predictions/<model>: the image as the raw body, the output in a header (what
+    client.rest sends: no multipart spooling in the frontend)."""
 
     wait_time = between(0.0, 0.05)
 
@@ -277,9 +278,12 @@ class RestUser(HttpUser):
     def _post(self, image: bytes):  # type: ignore[no-untyped-def]
         return self.client.post(
             f"/predictions/{SETTINGS['model']}",
-            files={"data": ("image", image, "application/octet-stream")},
-            data={"output": SETTINGS["output"]},
-            headers=_auth(),
+            data=image,
+            headers={
+                "Content-Type": "application/octet-stream",
+                OUTPUT_HEADER: SETTINGS["output"],
+                **_auth(),
+            },
             name=REST_NAME,
             timeout=self.environment.parsed_options.request_timeout,
             catch_response=True,

@@ -36,6 +36,7 @@ class Script:
 
     answers: list[tuple[int, dict, dict]]  # (status, json body, extra headers)
     seen: list[dict] = field(default_factory=list)  # request headers, one per request
+    bodies: list[bytes] = field(default_factory=list)  # request bodies, one per request
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def server() -> Iterator[tuple[str, Script]]:
     class Handler(BaseHTTPRequestHandler):
         def _answer(self) -> None:
             length = int(self.headers.get("Content-Length", 0))
-            self.rfile.read(length)
+            script.bodies.append(self.rfile.read(length))
             script.seen.append(dict(self.headers))
             i = min(len(script.seen), len(script.answers)) - 1
             status, body, headers = script.answers[i]
@@ -119,12 +120,14 @@ def test_token_refusal_is_an_auth_error_naming_the_key_source(server: tuple[str,
     assert len(script.seen) == 1
 
 
-def test_multipart_carries_image_and_output(server: tuple[str, Script]) -> None:
+def test_the_image_is_the_raw_body_and_the_output_a_header(server: tuple[str, Script]) -> None:
     url, script = server
     script.answers = [(200, {"ok": True}, {})]
     pred = RestClient(url, url, retry=FAST).predict(b"\x89PNG...", output="json")
     assert pred.output == "json" and pred.json() == {"ok": True}
-    assert script.seen[0]["Content-Type"].startswith("multipart/form-data")
+    assert script.seen[0]["Content-Type"] == "application/octet-stream"
+    assert script.seen[0]["X-Segserve-Output"] == "json"
+    assert script.bodies == [b"\x89PNG..."]
 
 
 def _free_port() -> int:

@@ -123,6 +123,8 @@ def test_the_mask_does_not_depend_on_the_strip_size(classes, low, high, tile, se
     whole_mask, whole_conf = logits_to_prediction(logits, geometry, tile_elements=1 << 30)
     mask, conf = logits_to_prediction(logits, geometry, tile_elements=tile)
     assert torch.equal(mask, whole_mask) and torch.equal(conf, whole_conf)
+    fast, _ = logits_to_prediction(logits, geometry, tile_elements=tile, with_confidence=False)
+    assert torch.equal(fast, whole_mask)
     assert mask.shape == high and int(mask.max()) < classes
 
 
@@ -133,16 +135,20 @@ def test_the_mask_does_not_depend_on_the_strip_size(classes, low, high, tile, se
     high=st.tuples(st.integers(1, 120), st.integers(1, 120)),
     tile=st.integers(1, 5000),
     seed=st.integers(0, 2**16),
+    block=st.integers(1, 6),
 )
-def test_the_boundary_shortcut_is_the_full_upsampling_argmax(classes, low, high, tile, seed):
+def test_the_boundary_shortcut_is_the_full_upsampling_argmax(classes, low, high, tile, seed, block):
     """Only pixels whose four low-resolution neighbours disagree get upsampled logits; the mask
     equals the argmax of the fully upsampled logits (F.interpolate, bilinear) wherever that
     argmax is not a floating-point tie, and is the same with or without the confidence."""
     import torch.nn.functional as F
 
     generator = torch.Generator().manual_seed(seed)
-    # Blocky logits: large uniform regions, as a real model's, plus noise at the edges.
-    logits = torch.randn(classes, *low, generator=generator) * 4
+    # Blocky logits (block > 1): uniform regions, as a real model's, and sparse boundaries;
+    # block 1 is noise, every pixel near a boundary.
+    cells = torch.randn(classes, -(-low[0] // block), -(-low[1] // block), generator=generator)
+    blocks = cells.repeat_interleave(block, 1).repeat_interleave(block, 2)
+    logits = blocks[:, : low[0], : low[1]] * 4
     geometry = Geometry(original_size=high, content_size=low)
     fast, none = logits_to_prediction(logits, geometry, tile_elements=tile, with_confidence=False)
     full, conf = logits_to_prediction(logits, geometry, tile_elements=tile)
