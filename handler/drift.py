@@ -1,6 +1,7 @@
 """Drift statistics: what the handler measures per image, and the validation baseline.
 
-Per served image the handler observes every class's share of the pixels (at the original
+Per observed image (one per worker per ``drift_every_s``, see ``segmenter_handler``) the
+handler records every class's share of the pixels (at the original
 resolution) and the mean confidence over each present class's pixels (at the model's
 resolution, no upsampling). The exporter measures the same two statistics on validation
 images with the same functions, so the baseline in the metadata and the live histograms are

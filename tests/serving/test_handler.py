@@ -7,9 +7,11 @@ content types and metric lines are the ones a worker would send back.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import math
 import sys
 import zipfile
 from pathlib import Path
@@ -76,10 +78,55 @@ def test_archive_config_reaches_the_handler(service):
     assert service.context.model_yaml_config["batchSize"] == 4
 
 
+@contextlib.contextmanager
+def drift_every(service, seconds: float):
+    """The handler's ``drift_every_s`` for a while, its interval starting afresh."""
+    handler = service._entry_point.__self__
+    saved = handler.drift_every_s
+    handler.drift_every_s, handler._drift_observed_at = seconds, -math.inf
+    try:
+        yield handler
+    finally:
+        handler.drift_every_s = saved
+
+
+def drift_lines(caplog) -> int:
+    lines = [r.getMessage() for r in caplog.records]
+    return sum("[METRICS]segserve_class_pixel_fraction." in m for m in lines)
+
+
+def test_drift_histograms_observe_one_image_per_interval(service, caplog):
+    """The per-class lines are bounded by time, not by traffic: one image per interval, the
+    first one at once; with 0, every image."""
+    good = png((np.arange(40 * 60 * 3) % 251).astype(np.uint8).reshape(40, 60, 3))
+    three = [({"body": ("application/octet-stream", good)}, {})] * 3
+    classes = len(service._entry_point.__self__.meta.class_names)
+    caplog.set_level(logging.INFO)
+    with drift_every(service, 3600.0):
+        run_batch(service, three)
+        assert drift_lines(caplog) == classes  # the first image of the interval
+        run_batch(service, three)
+        assert drift_lines(caplog) == classes  # none more within it
+    caplog.clear()
+    with drift_every(service, 0.0):
+        out = run_batch(service, three)
+        assert drift_lines(caplog) == 3 * classes
+    assert all(Image.open(io.BytesIO(body)).format == "PNG" for body in out)
+
+
+def test_a_bad_drift_interval_names_the_option() -> None:
+    from handler.segmenter_handler import _drift_every_s
+
+    for bad in ("soon", -1, float("nan")):
+        with pytest.raises(ValueError, match="drift_every_s"):
+            _drift_every_s({"drift_every_s": bad})
+
+
 def test_mixed_batch_statuses_types_and_metrics(service, reference, caplog):
     rgb = (np.arange(40 * 60 * 3) % 251).astype(np.uint8).reshape(40, 60, 3)
     good = png(rgb)
     caplog.set_level(logging.INFO)
+    service._entry_point.__self__._drift_observed_at = -math.inf  # this batch is observed
     out = run_batch(
         service,
         [
