@@ -212,16 +212,11 @@ def load_for_bench(export_dir: Path, runtime: str, threads: int):
     return load_model(export_dir / RUNTIME_FILES[runtime], runtime, "cpu", threads)
 
 
-def pipeline_work(
-    export_dir: Path, runtime: str, images: list[bytes], threads: int, batch: int
-) -> Callable[[], int]:
-    """The served path in-process for ``batch`` of ``images`` (cycled): decode → resize →
-    ONE forward → upsample and argmax → PNG, each step the handler's own function. A
-    :data:`benchmarks.limit.WorkMaker` through ``functools.partial(pipeline_work, export_dir,
-    runtime, images)``; ``run()`` returns the images done, ``run.last_size`` the last body's
-    bytes."""
-    import itertools
-
+def served_pipeline(
+    export_dir: Path, runtime: str, threads: int
+) -> Callable[[list[bytes]], list[bytes]]:
+    """The served path in-process: JPEG bytes → decode → resize → ONE forward → upsample and
+    argmax → mask PNG bodies, each step the handler's own function."""
     import torch
 
     from handler.imaging import DEFAULT_MAX_PIXELS, decode_image
@@ -235,20 +230,32 @@ def pipeline_work(
 
     meta = load_metadata(export_dir / METADATA_FILE)
     model = load_for_bench(export_dir, runtime, threads)
-    cycle = itertools.cycle(images)
 
-    def run() -> int:
-        decoded = [decode_image(next(cycle), DEFAULT_MAX_PIXELS) for _ in range(batch)]
+    def process(images: list[bytes]) -> list[bytes]:
+        decoded = [decode_image(image, DEFAULT_MAX_PIXELS) for image in images]
         prepared = [prepare_image(rgb_array_to_tensor(rgb), meta.preprocess) for rgb in decoded]
         with torch.inference_mode():
             logits = model(collate([x for x, _ in prepared], meta.preprocess))
+        bodies = []
         for j, (rgb, (_, geometry)) in enumerate(zip(decoded, prepared, strict=True)):
             mask, _ = logits_to_prediction(logits[j], geometry, with_confidence=False)
-            run.last_size = len(encode_output("mask", rgb, mask.numpy(), None, meta))
-        return batch
+            bodies.append(encode_output("mask", rgb, mask.numpy(), None, meta))
+        return bodies
 
-    run.last_size = 0
-    return run
+    return process
+
+
+def pipeline_work(
+    export_dir: Path, runtime: str, images: list[bytes], threads: int, batch: int
+) -> Callable[[], int]:
+    """:func:`served_pipeline` on ``batch`` of ``images`` (cycled) per call: a
+    :data:`benchmarks.limit.WorkMaker` through ``functools.partial(pipeline_work, export_dir,
+    runtime, images)``."""
+    import itertools
+
+    process = served_pipeline(export_dir, runtime, threads)
+    cycle = itertools.cycle(images)
+    return lambda: len(process([next(cycle) for _ in range(batch)]))
 
 
 def pipeline_row(
@@ -261,13 +268,8 @@ def pipeline_row(
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        run = pipeline_work(workload.export_dir, runtime, [image], threads, 1)
-
-        def call() -> int:
-            run()
-            return run.last_size
-
-        p50, p95, rps, size = measure(call, requests, 1)
+        process = served_pipeline(workload.export_dir, runtime, threads)
+        p50, p95, rps, size = measure(lambda: len(process([image])[0]), requests, 1)
     finally:
         torch.set_num_threads(before)
     return Row(workload.name, "in-process pipeline", runtime, "-", 1, requests, p50, p95, rps,

@@ -84,6 +84,20 @@ def _retry_after(resp: requests.Response) -> float | None:
         return None
 
 
+def raw_body_request(image: bytes, output: str) -> dict[str, Any]:
+    """The ``requests`` keyword arguments of a prediction: the image as the raw body, the
+    output format in :data:`client.outputs.OUTPUT_HEADER` (what the client and the Locust
+    users send; see :meth:`RestClient.predict` for why not multipart).
+
+    >>> raw_body_request(b"img", "mask")["headers"]
+    {'Content-Type': 'application/octet-stream', 'X-Segserve-Output': 'mask'}
+    """
+    return {
+        "data": image,
+        "headers": {"Content-Type": "application/octet-stream", OUTPUT_HEADER: output},
+    }
+
+
 class RestClient:
     """Talks to TorchServe's inference (8080) and management (8081) REST APIs."""
 
@@ -157,13 +171,7 @@ class RestClient:
         url = f"{self.inference_url}/predictions/{self.model_name}"
         if model_version:
             url += f"/{model_version}"
-        resp = self._call(
-            "POST",
-            url,
-            "inference",
-            data=image,
-            headers={"Content-Type": "application/octet-stream", OUTPUT_HEADER: output},
-        )
+        resp = self._call("POST", url, "inference", **raw_body_request(image, output))
         return Prediction(resp.content, output, resp.headers.get("Content-Type", ""))
 
     def list_models(self) -> list[dict[str, Any]]:

@@ -399,6 +399,11 @@ class SegmenterHandler(BaseHandler):
             return
         batch.responses[image.idx] = body
         self.context.set_response_content_type(image.idx, image.request.content_type)
+        self._observe(image, logits, mask, batch)
+
+    def _observe(self, image: PreparedImage, logits: torch.Tensor, mask: Any, batch: Batch) -> None:
+        """Drift histograms (one image per ``drift_every_s``) and the low-confidence sampler:
+        the per-class statistics are computed only when one of them takes this image."""
         now = time.perf_counter()
         observe = now - self._drift_observed_at >= self.drift_every_s
         if not observe and self.sampler is None:

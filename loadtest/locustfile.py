@@ -52,8 +52,8 @@ from locust.env import Environment
 from locust.runners import STATE_MISSING, WORKER_REPORT_INTERVAL, MasterRunner, WorkerRunner
 
 from client.errors import ClientError, WorkerDied
-from client.outputs import OUTPUT_FORMATS, OUTPUT_HEADER
-from client.rest import error_from_response
+from client.outputs import OUTPUT_FORMATS
+from client.rest import error_from_response, raw_body_request
 from client.retry import WORKER_DIED_ONLY
 from client.tokens import resolve_token
 from loadtest.images import ImageSourceError, load_images
@@ -276,14 +276,11 @@ class RestUser(HttpUser):
             time.sleep(next(delays))  # gevent-patched: other users run meanwhile
 
     def _post(self, image: bytes):  # type: ignore[no-untyped-def]
+        request = raw_body_request(image, SETTINGS["output"])
         return self.client.post(
             f"/predictions/{SETTINGS['model']}",
-            data=image,
-            headers={
-                "Content-Type": "application/octet-stream",
-                OUTPUT_HEADER: SETTINGS["output"],
-                **_auth(),
-            },
+            data=request["data"],
+            headers={**request["headers"], **_auth()},
             name=REST_NAME,
             timeout=self.environment.parsed_options.request_timeout,
             catch_response=True,
