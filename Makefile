@@ -73,6 +73,7 @@ archive: install $(CARD) ## pack RUN_DIR/export's RUNTIME (default auto) + MODEL
 		--model-card $(CARD) \
 		--version $(MODEL_VERSION) --batch-size $(BATCH_SIZE) --max-batch-delay $(MAX_BATCH_DELAY) \
 		$(if $(WORKERS),--min-workers $(WORKERS)) $(if $(THREADS),--threads $(THREADS)) \
+		$(if $(DRIFT_EVERY_S),--drift-every-s $(DRIFT_EVERY_S)) \
 		--out-dir model_archives
 
 $(CKPT): | install

@@ -219,27 +219,24 @@ def served_pipeline(
     argmax → mask PNG bodies, each step the handler's own function."""
     import torch
 
-    from handler.imaging import DEFAULT_MAX_PIXELS, decode_image
+    from handler.imaging import DEFAULT_MAX_PIXELS
+    from handler.pixels import decode_to_device
     from handler.postprocess import encode_output
-    from handler.preprocessing import (
-        collate,
-        logits_to_prediction,
-        prepare_image,
-        rgb_array_to_tensor,
-    )
+    from handler.preprocessing import collate, logits_to_prediction, prepare_image
 
     meta = load_metadata(export_dir / METADATA_FILE)
     model = load_for_bench(export_dir, runtime, threads)
+    cpu = torch.device("cpu")
 
     def process(images: list[bytes]) -> list[bytes]:
-        decoded = [decode_image(image, DEFAULT_MAX_PIXELS) for image in images]
-        prepared = [prepare_image(rgb_array_to_tensor(rgb), meta.preprocess) for rgb in decoded]
+        decoded = decode_to_device(images, DEFAULT_MAX_PIXELS, cpu)
+        prepared = [prepare_image(pixels, meta.preprocess) for pixels in decoded]
         with torch.inference_mode():
             logits = model(collate([x for x, _ in prepared], meta.preprocess))
         bodies = []
-        for j, (rgb, (_, geometry)) in enumerate(zip(decoded, prepared, strict=True)):
+        for j, (_, geometry) in enumerate(prepared):
             mask, _ = logits_to_prediction(logits[j], geometry, with_confidence=False)
-            bodies.append(encode_output("mask", rgb, mask.numpy(), None, meta))
+            bodies.append(encode_output("mask", None, mask.numpy(), None, meta))
         return bodies
 
     return process

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from handler.pixels import host_rgb
 from handler.preprocessing import Geometry
 from handler.request import ParsedRequest
 from handler.telemetry import Telemetry
@@ -24,9 +25,13 @@ class PreparedImage:
 
     idx: int
     request: ParsedRequest
-    rgb: np.ndarray
+    pixels: torch.Tensor  # (3, H, W) uint8 on the model's device, as decoded
     tensor: torch.Tensor
     geometry: Geometry
+
+    def host_rgb(self) -> np.ndarray:
+        """The decoded image as an ``(H, W, 3)`` array (a view on CPU), for overlays."""
+        return host_rgb(self.pixels)
 
 
 @dataclass

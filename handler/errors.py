@@ -64,12 +64,20 @@ def quote_input(value: Any, limit: int = QUOTE_LIMIT) -> str:
     "'\\\\ufffd\\\\x00ok'"
     >>> quote_input("x" * 100, limit=8)
     "'xxxxxxxx'... (100 characters)"
+
+    The limit bounds the escaped text: an astral character escapes to ten ASCII characters.
+
+    >>> quote_input("\\U0001d598" * 3, limit=24)
+    "'\\\\U0001d598\\\\U0001d598'... (3 characters)"
     """
     if isinstance(value, (bytes, bytearray)):
         value = bytes(value).decode("utf-8", "replace")
     text = value if isinstance(value, str) else str(value)
-    quoted = ascii(text[:limit])
-    return quoted if len(text) <= limit else f"{quoted}... ({len(text)} characters)"
+    kept = text[:limit]
+    while len(ascii(kept)) > limit + 2:  # + the quotes; at most `limit` rounds
+        kept = kept[:-1]
+    quoted = ascii(kept)
+    return quoted if kept == text else f"{quoted}... ({len(text)} characters)"
 
 
 def status_phrase(status: int) -> str:

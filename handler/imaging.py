@@ -181,6 +181,37 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.array(rgb, dtype=np.uint8, order="C")
 
 
+def plain_jpeg(data: bytes, max_pixels: int) -> bool:
+    """Whether any JPEG decoder gives ``decode_image``'s picture for these bytes (so a GPU's
+    nvJPEG may decode them): one JPEG frame, YCbCr colour, no EXIF rotation, nothing after its
+    end marker. The header is checked as ``decode_image`` checks it (an
+    :class:`InputError` for a refused file); no pixel is decoded.
+
+    CMYK and Adobe-RGB files, grey ones, multi-picture (MPO) files, rotated phone photos and
+    files cut short or with trailing bytes are not plain: Pillow decodes those.
+
+    >>> import io
+    >>> from PIL import Image
+    >>> buf = io.BytesIO()
+    >>> Image.new("RGB", (40, 30), (255, 0, 0)).save(buf, format="JPEG")
+    >>> plain_jpeg(buf.getvalue(), 10_000), plain_jpeg(buf.getvalue()[:-2], 10_000)
+    (True, False)
+    """
+    if not data:
+        raise InputError("empty", "the request body is empty: send the image file's bytes")
+    data = bytes(data)
+    image = _open(data, max_pixels)
+    if image.format != "JPEG" or image.mode != "RGB" or not data.endswith(b"\xff\xd9"):
+        return False
+    if "adobe" in image.info and image.info.get("adobe_transform") != 1:
+        return False  # an Adobe marker without the YCbCr transform: RGB stored as is
+    try:
+        orientation = image.getexif().get(0x0112, 1)  # EXIF Orientation
+    except _CORRUPT_DATA_ERRORS + (KeyError, TypeError):
+        return False  # let decode_image deal with a malformed EXIF block, as it always has
+    return orientation == 1
+
+
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """Image file bytes → RGB ``(H, W, 3)`` uint8, EXIF-rotated, or an :class:`InputError`.
 

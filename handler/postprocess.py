@@ -103,17 +103,22 @@ def json_body(
 # Formats whose body carries per-pixel confidence: only these pay for the full upsampling of
 # every class's logits (handler.preprocessing.logits_to_prediction).
 NEEDS_CONFIDENCE = frozenset({"json"})
+# Formats drawn over the decoded image: only these need its pixels on the host.
+NEEDS_IMAGE = frozenset({"overlay", "overlay_jpeg"})
 
 
 def encode_output(
     output: str,
-    rgb: np.ndarray,
+    rgb: np.ndarray | None,
     mask: np.ndarray,
     confidence: np.ndarray | None,
     meta: ModelMetadata,
 ) -> bytes:
     """The response body for one image in format ``output`` (see handler.request); only
-    ``json`` reads ``confidence`` (see :data:`NEEDS_CONFIDENCE`)."""
+    ``json`` reads ``confidence`` (see :data:`NEEDS_CONFIDENCE`), only the overlays ``rgb``
+    (:data:`NEEDS_IMAGE`)."""
+    if output in NEEDS_IMAGE and rgb is None:
+        raise ValueError(f"output {output!r} needs the decoded image")
     if output == "mask":
         return encode_mask_png(mask, meta.num_classes)
     if output == "color":

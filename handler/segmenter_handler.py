@@ -27,8 +27,10 @@ Switches (``handler:`` section of the archive's model-config.yaml, else metadata
 ``max_pixels`` (decode limit), ``max_response_size`` (bytes; the environment variable
 ``TS_MAX_RESPONSE_SIZE`` wins, which ``serving.server`` sets from config.properties and the
 worker inherits from the frontend), ``cuda_half``, ``cuda_channels_last`` (CUDA only; CPU is
-exact fp32), ``drift_every_s`` (the per-class drift histograms observe one image per worker per
-this many seconds, :data:`DRIFT_EVERY_S`; 0 = every image).
+exact fp32), ``cuda_jpeg_decode`` (CUDA only, on unless false: plain JPEGs are decoded by
+nvJPEG on the GPU, :mod:`handler.pixels`), ``drift_every_s`` (the per-class drift histograms
+observe one image per worker per this many seconds, :data:`handler.drift.DRIFT_EVERY_S`;
+0 = every image).
 
 This module defines exactly one class: TorchServe's loader requires it.
 """
@@ -58,17 +60,13 @@ from ts.utils.util import PredictionException  # noqa: E402
 
 from handler.artifact import METADATA_FILE, MODEL_FILE, TORCHSCRIPT, load_metadata  # noqa: E402
 from handler.batch import Batch, PreparedImage  # noqa: E402
-from handler.drift import image_statistics  # noqa: E402
+from handler.drift import drift_interval, image_statistics  # noqa: E402
 from handler.errors import InputError, quote_input  # noqa: E402
-from handler.imaging import DEFAULT_MAX_PIXELS, decode_image  # noqa: E402
-from handler.postprocess import NEEDS_CONFIDENCE, encode_output  # noqa: E402
-from handler.preprocessing import (  # noqa: E402
-    collate,
-    logits_to_prediction,
-    prepare_image,
-    rgb_array_to_tensor,
-)
-from handler.request import parse_request  # noqa: E402
+from handler.imaging import DEFAULT_MAX_PIXELS  # noqa: E402
+from handler.pixels import can_decode_jpegs_on_device, decode_to_device  # noqa: E402
+from handler.postprocess import NEEDS_CONFIDENCE, NEEDS_IMAGE, encode_output  # noqa: E402
+from handler.preprocessing import collate, logits_to_prediction, prepare_image  # noqa: E402
+from handler.request import ParsedRequest, parse_request  # noqa: E402
 from handler.runtime import load_model  # noqa: E402
 from handler.sampling import LowConfidenceSampler, mean_confidence  # noqa: E402
 from handler.sizing import worker_threads  # noqa: E402
@@ -77,12 +75,6 @@ from handler.telemetry import Telemetry  # noqa: E402
 logger = logging.getLogger(__name__)
 # How often a worker re-sends the drift baseline gauges (seconds; the first batch sends them).
 REFERENCE_EVERY_S = 60.0
-# The per-class drift histograms observe one image per worker per this many seconds (handler
-# option ``drift_every_s``; 0 = every image). Each observed image is a dozen metric lines the
-# frontend parses: on every image they took 8 % of a 2-core machine's throughput, and a GPU
-# pod at 1000 img/s would send 12000 lines/s. Which image is observed depends on time only,
-# never on content, so the means the drift rules compare stay unbiased.
-DRIFT_EVERY_S = 0.1
 
 # The frontend's own default max_response_size: the safe bound when nothing else says more.
 TORCHSERVE_MAX_RESPONSE_SIZE = 6_553_500
@@ -115,25 +107,6 @@ def _max_response_size(options: dict) -> int:
         return TORCHSERVE_MAX_RESPONSE_SIZE
 
 
-def _drift_every_s(options: dict) -> float:
-    """The handler option ``drift_every_s`` (seconds, >= 0), named when it is not one.
-
-    >>> _drift_every_s({}), _drift_every_s({"drift_every_s": 0})
-    (0.1, 0.0)
-    """
-    value = options.get("drift_every_s", DRIFT_EVERY_S)
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        seconds = -1.0
-    if not seconds >= 0:
-        raise ValueError(
-            f"handler option drift_every_s={value!r} in the archive's model-config.yaml must "
-            "be a number of seconds >= 0 (0 = observe every image)"
-        )
-    return seconds
-
-
 def _unexpected(stage: str, exc: BaseException) -> InputError:
     """A per-request 500 for a failure no rule expected; the worker log has the traceback."""
     return InputError(
@@ -164,7 +137,7 @@ class SegmenterHandler(BaseHandler):
         options = dict((getattr(context, "model_yaml_config", None) or {}).get("handler") or {})
         self.max_pixels = int(options.get("max_pixels", DEFAULT_MAX_PIXELS))
         self.max_response_size = _max_response_size(options)
-        self.drift_every_s = _drift_every_s(options)
+        self.drift_every_s = drift_interval(options)
         gpu_id = properties.get("gpu_id")
         if gpu_id is not None and torch.cuda.is_available():
             self.device = torch.device(f"cuda:{gpu_id}")
@@ -185,6 +158,9 @@ class SegmenterHandler(BaseHandler):
         self.channels_last = on_cuda and bool(
             options.get("cuda_channels_last", self.meta.serving.cuda_channels_last)
         )
+        self.jpegs_on_device = (
+            on_cuda and bool(options.get("cuda_jpeg_decode", True)) and can_decode_jpegs_on_device()
+        )
         serialized = context.manifest["model"].get("serializedFile", MODEL_FILE)
         # The archive's runtime (model-config.yaml handler.runtime); half/channels_last are
         # TorchScript switches, so an ONNX Runtime model runs as exported.
@@ -199,7 +175,8 @@ class SegmenterHandler(BaseHandler):
         self.initialized = True
         logger.info(
             "segserve handler %s (handler package %s): model %s v%s, %d classes, device %s, "
-            "half=%s, channels_last=%s, max_pixels=%d, max_response_size=%d, batch_size=%s, "
+            "half=%s, channels_last=%s, JPEGs decoded on the device=%s, max_pixels=%d, "
+            "max_response_size=%d, batch_size=%s, "
             "torch threads %d",
             Path(__file__).resolve(),
             Path(sys.modules["handler"].__file__).resolve().parent,
@@ -209,6 +186,7 @@ class SegmenterHandler(BaseHandler):
             self.device,
             self.half,
             self.channels_last,
+            self.jpegs_on_device,
             self.max_pixels,
             self.max_response_size,
             properties.get("batch_size"),
@@ -236,10 +214,21 @@ class SegmenterHandler(BaseHandler):
                 # ignores it. Never on REST: there it switches the reply to chunked streaming,
                 # and "false" as the first chunk leaves the client waiting until its timeout.
                 context.set_response_header(idx, "ts_stream_next", "false")
-        for idx, item in enumerate(data):
-            accepted = self._decode(idx, item, batch)
-            if accepted is not None:
-                self._prepare(idx, *accepted, batch)
+        parsed = [(idx, self._parse(idx, item, batch)) for idx, item in enumerate(data)]
+        parsed = [(idx, request) for idx, request in parsed if request is not None]
+        decoded = decode_to_device(
+            [request.image for _, request in parsed],
+            self.max_pixels,
+            self.device,
+            jpegs_on_device=self.jpegs_on_device,
+        )
+        for (idx, request), pixels in zip(parsed, decoded, strict=True):
+            if isinstance(pixels, InputError):
+                batch.responses[idx] = self._reject(idx, pixels, batch)
+                continue
+            megapixels = pixels.shape[1] * pixels.shape[2] / 1e6
+            batch.telemetry.observe("segserve_input_megapixels", megapixels)
+            self._prepare(idx, request, pixels, batch)
         if batch.prepared:
             batch.inputs = collate([p.tensor for p in batch.prepared], self.meta.preprocess)
         batch.preprocessed_at = time.perf_counter()
@@ -289,33 +278,29 @@ class SegmenterHandler(BaseHandler):
         logger.info("request %s refused (%d %s): %s", idx, error.status, error.reason, error)
         return json.dumps(error.body()).encode()
 
-    def _decode(self, idx: int, item: Any, batch: Batch) -> tuple | None:
-        """(request, rgb) for a readable request, else None with its error answer filled in."""
+    def _parse(self, idx: int, item: Any, batch: Batch) -> ParsedRequest | None:
+        """The parsed request, else None with its error answer filled in."""
         try:
-            request = parse_request(item, self.context.get_all_request_header(idx))
-            rgb = decode_image(request.image, self.max_pixels)
+            return parse_request(item, self.context.get_all_request_header(idx))
         except InputError as error:
             batch.responses[idx] = self._reject(idx, error, batch)
-            return None
         except Exception as exc:  # noqa: BLE001 - odd input must not kill the worker
-            logger.warning("request %s: unexpected decode failure", idx, exc_info=True)
-            error = InputError("bad_request", f"could not read the image: {quote_input(exc)}")
+            logger.warning("request %s: unexpected request failure", idx, exc_info=True)
+            error = InputError("bad_request", f"could not read the request: {quote_input(exc)}")
             batch.responses[idx] = self._reject(idx, error, batch)
-            return None
-        batch.telemetry.observe("segserve_input_megapixels", rgb.shape[0] * rgb.shape[1] / 1e6)
-        return request, rgb
+        return None
 
-    def _prepare(self, idx: int, request: Any, rgb: Any, batch: Batch) -> None:
-        """Resize/normalise one accepted image into ``batch.prepared``."""
+    def _prepare(
+        self, idx: int, request: ParsedRequest, pixels: torch.Tensor, batch: Batch
+    ) -> None:
+        """Resize/normalise one decoded image into ``batch.prepared``."""
         try:
-            x, geometry = prepare_image(
-                rgb_array_to_tensor(rgb).to(self.device), self.meta.preprocess
-            )
+            x, geometry = prepare_image(pixels, self.meta.preprocess)
         except Exception as exc:  # noqa: BLE001 - one image must not fail its batch
             logger.warning("request %s: preprocessing failed", idx, exc_info=True)
             batch.responses[idx] = self._reject(idx, _unexpected("resize", exc), batch)
             return
-        batch.prepared.append(PreparedImage(idx, request, rgb, x, geometry))
+        batch.prepared.append(PreparedImage(idx, request, pixels, x, geometry))
 
     @torch.inference_mode()
     def _run_model(self, inputs: torch.Tensor) -> Any:
@@ -375,7 +360,8 @@ class SegmenterHandler(BaseHandler):
         )
         mask = mask_t.cpu().numpy()
         confidence = confidence_t.cpu().numpy() if confidence_t is not None else None
-        body = encode_output(output, image.rgb, mask, confidence, self.meta)
+        rgb = image.host_rgb() if output in NEEDS_IMAGE else None
+        body = encode_output(output, rgb, mask, confidence, self.meta)
         if len(body) > self.max_response_size:
             raise InputError(
                 "response_too_large",

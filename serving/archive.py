@@ -65,6 +65,7 @@ from handler.artifact import (
     load_metadata,
     runtime_export,
 )
+from handler.drift import DRIFT_EVERY_S, drift_interval
 from handler.imaging import DEFAULT_MAX_PIXELS
 from serving.properties import DEFAULT_MODEL_NAME
 
@@ -102,6 +103,8 @@ class ArchiveOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     cuda_half: bool | None = None  # None: the metadata's serving.cuda_half
     cuda_channels_last: bool | None = None
+    cuda_jpeg_decode: bool = True  # plain JPEGs decoded by nvJPEG on a CUDA worker's GPU
+    drift_every_s: float = DRIFT_EVERY_S  # one drift observation per worker per this; 0: all
     runtime: str = AUTO  # torchscript | onnx | onnx_int8 | auto (the fastest that passed parity)
     extra_handler_options: dict[str, Any] = field(default_factory=dict)
 
@@ -138,6 +141,13 @@ class ArchiveOptions:
         for ok, message in checks:
             if not ok:
                 raise ArchiveError(message)
+        try:
+            drift_interval({"drift_every_s": self.drift_every_s})
+        except ValueError:
+            raise ArchiveError(
+                f"--drift-every-s must be a number of seconds >= 0 (0 = observe every image), "
+                f"got {self.drift_every_s!r}"
+            ) from None
 
 
 def model_config(options: ArchiveOptions, meta: ModelMetadata | None = None) -> dict[str, Any]:
@@ -150,6 +160,8 @@ def model_config(options: ArchiveOptions, meta: ModelMetadata | None = None) -> 
         channels_last = meta.serving.cuda_channels_last if meta is not None else False
     handler["cuda_half"] = bool(half)
     handler["cuda_channels_last"] = bool(channels_last)
+    handler["cuda_jpeg_decode"] = bool(options.cuda_jpeg_decode)
+    handler["drift_every_s"] = float(options.drift_every_s)
     if options.threads is not None:
         handler["threads"] = options.threads
     if options.runtime != AUTO:  # build_archive resolves auto before writing the config
@@ -435,6 +447,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-half", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--cuda-channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument(
+        "--cuda-jpeg-decode",
+        action=argparse.BooleanOptionalAction,
+        default=d.cuda_jpeg_decode,
+        help="decode plain JPEGs with nvJPEG on a CUDA worker's GPU",
+    )
+    p.add_argument(
+        "--drift-every-s",
+        type=float,
+        default=d.drift_every_s,
+        help="seconds between a worker's drift observations (0: every image)",
+    )
+    p.add_argument(
         "--model-card",
         type=Path,
         default=None,
@@ -465,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         max_pixels=args.max_pixels,
         cuda_half=args.cuda_half,
         cuda_channels_last=args.cuda_channels_last,
+        cuda_jpeg_decode=args.cuda_jpeg_decode,
+        drift_every_s=args.drift_every_s,
         runtime=args.runtime,
     )
     try:

@@ -38,13 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from handler.preprocessing import (
-    PreprocessSpec,
-    mask_dtype,
-    padded_size,
-    prepare_image,
-    rgb_array_to_tensor,
-)
+from handler.pixels import host_to_device
+from handler.preprocessing import PreprocessSpec, mask_dtype, padded_size, prepare_image
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 Prediction = tuple[np.ndarray, np.ndarray]
@@ -280,8 +275,8 @@ def segment_with_options(
     up to :data:`GROUP_PIXELS` output pixels at a time.
     """
     options.check_for(spec)
-    writable = [rgb if rgb.flags.writeable else rgb.copy() for rgb in images]
-    prepared = [prepare_image(rgb_array_to_tensor(rgb).to(device), spec) for rgb in writable]
+    on = torch.device(device)
+    prepared = [prepare_image(host_to_device(rgb, on), spec) for rgb in images]
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, (x, geometry) in enumerate(prepared):
         groups[(tuple(x.shape), geometry.original_size)].append(i)

@@ -1,7 +1,8 @@
 """Offline prediction with an exported model: the same decode, preprocessing and postprocessing
 as the TorchServe handler, so an offline mask equals a served one.
 
-Images are decoded by :func:`handler.imaging.decode_image` (EXIF orientation applied), prepared
+Image files are decoded by :func:`handler.pixels.decode_to_device` (EXIF orientation applied;
+on a CUDA device plain JPEGs by nvJPEG, as the handler decodes them there), prepared
 by :func:`handler.preprocessing.prepare_image`, batched by ``collate`` and turned back into
 full-resolution masks by ``logits_to_prediction``. Pure torch; CPU unless told otherwise.
 :func:`write_predictions` segments files or folders (``python -m training predict``) into
@@ -30,14 +31,19 @@ from PIL import Image
 
 from handler.artifact import TORCHSCRIPT, MetadataError, ModelMetadata, runtime_export
 from handler.errors import InputError
-from handler.imaging import DEFAULT_MAX_PIXELS, decode_image, encode_mask_png, encode_overlay
+from handler.imaging import DEFAULT_MAX_PIXELS, encode_mask_png, encode_overlay
+from handler.pixels import (
+    can_decode_jpegs_on_device,
+    decode_to_device,
+    host_rgb,
+    host_to_device,
+)
 from handler.preprocessing import (
     PreprocessSpec,
     collate,
     logits_to_prediction,
     padded_size,
     prepare_image,
-    rgb_array_to_tensor,
 )
 from handler.runtime import load_model
 from training import export
@@ -55,9 +61,14 @@ class PredictError(ValueError):
 
 @torch.inference_mode()
 def segment(
-    model: Model, images: Sequence[np.ndarray], spec: PreprocessSpec, device: str = "cpu"
+    model: Model,
+    images: Sequence[np.ndarray | torch.Tensor],
+    spec: PreprocessSpec,
+    device: str = "cpu",
 ) -> list[Prediction]:
-    """RGB uint8 images → (class-id mask, confidence float32) at each image's own size.
+    """RGB uint8 images (``(H, W, 3)`` arrays, or ``(3, H, W)`` tensors on ``device`` as
+    :func:`handler.pixels.decode_to_device` gives them) → (class-id mask, confidence float32)
+    at each image's own size.
 
     Images whose prepared tensors pad to the same size share one forward; others get their
     own, so every image is padded exactly as it would be alone (under the ``pad`` policy the
@@ -70,9 +81,9 @@ def segment(
         >>> [m.shape for m, _ in segment(model, [np.zeros((5, 7, 3), np.uint8)], spec)]
         [(5, 7)]
     """
-    # torch warns on read-only arrays (e.g. np.asarray of a PIL image); copy only those.
-    writable = [rgb if rgb.flags.writeable else rgb.copy() for rgb in images]
-    prepared = [prepare_image(rgb_array_to_tensor(rgb).to(device), spec) for rgb in writable]
+    on = torch.device(device)
+    pixels = [rgb if isinstance(rgb, torch.Tensor) else host_to_device(rgb, on) for rgb in images]
+    prepared = [prepare_image(x, spec) for x in pixels]
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, (x, _) in enumerate(prepared):
         groups[padded_size([(int(x.shape[1]), int(x.shape[2]))], spec.size_divisor)].append(i)
@@ -102,6 +113,7 @@ class Predictor:
         device: str = "cpu",
         max_pixels: int = DEFAULT_MAX_PIXELS,
         runtime: str = TORCHSCRIPT,
+        jpegs_on_device: bool | None = None,
     ) -> None:
         self.model = model
         self.metadata = metadata
@@ -109,6 +121,10 @@ class Predictor:
         self.device = device
         self.max_pixels = max_pixels
         self.runtime = runtime
+        # As the handler decodes: plain JPEGs on a CUDA device (its cuda_jpeg_decode option).
+        if jpegs_on_device is None:
+            jpegs_on_device = torch.device(device).type == "cuda" and can_decode_jpegs_on_device()
+        self.jpegs_on_device = jpegs_on_device
 
     @classmethod
     def from_export(
@@ -162,21 +178,28 @@ class Predictor:
                 )
         return segment(self.model, images, self.spec, self.device)
 
-    def read_image(self, path: Path) -> np.ndarray:
-        """Decode an image file exactly as the handler decodes an upload: RGB uint8."""
+    def read_pixels(self, path: Path) -> torch.Tensor:
+        """Decode an image file exactly as the handler decodes an upload on this device:
+        ``(3, H, W)`` uint8 there."""
         path = Path(path)
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise PredictError(f"{path}: cannot read the image ({exc.strerror})") from None
-        try:
-            return decode_image(data, self.max_pixels)
-        except InputError as exc:
-            raise PredictError(f"{path}: {exc.message}") from None
+        [pixels] = decode_to_device(
+            [data], self.max_pixels, torch.device(self.device), self.jpegs_on_device
+        )
+        if isinstance(pixels, InputError):
+            raise PredictError(f"{path}: {pixels.message}")
+        return pixels
+
+    def read_image(self, path: Path) -> np.ndarray:
+        """:meth:`read_pixels` as an RGB uint8 ``(H, W, 3)`` array."""
+        return host_rgb(self.read_pixels(path))
 
     def predict_file(self, path: Path) -> Prediction:
         """Decode an image file exactly as the handler decodes an upload, then predict."""
-        return self.predict(self.read_image(path))
+        return segment(self.model, [self.read_pixels(path)], self.spec, self.device)[0]
 
 
 def list_images(inputs: Sequence[Path]) -> list[Path]:
@@ -259,9 +282,12 @@ def write_predictions(
     palette = predictor.metadata.palette
     written = []
     for path in map(Path, images):
-        rgb = predictor.read_image(path)
+        pixels = predictor.read_pixels(path)
+        rgb = host_rgb(pixels)
         if options is None or options.is_plain:
-            mask, confidence = predictor.predict(rgb)
+            [(mask, confidence)] = segment(
+                predictor.model, [pixels], predictor.spec, predictor.device
+            )
         else:
             from training.inference import segment_with_options
 

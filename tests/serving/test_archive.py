@@ -40,6 +40,8 @@ def test_archive_layout_config_and_manifest(tiny_archive):
         "max_pixels": 40_000_000,
         "cuda_half": False,
         "cuda_channels_last": False,
+        "cuda_jpeg_decode": True,
+        "drift_every_s": 0.1,
         "runtime": "torchscript",  # auto on a TorchScript-only export
     }
     assert mar_manifest["model"]["handler"] == "segmenter_handler.py"
@@ -73,6 +75,8 @@ def test_cli_overrides(tiny_export, tmp_path):
             "--threads", "2",
             "--device-type", "cpu",
             "--cuda-half",
+            "--no-cuda-jpeg-decode",
+            "--drift-every-s", "0",
         ]
     )  # fmt: skip
     assert rc == 0
@@ -82,6 +86,8 @@ def test_cli_overrides(tiny_export, tmp_path):
     assert (config["batchSize"], config["maxBatchDelay"], config["maxWorkers"]) == (2, 7, 3)
     assert config["minWorkers"] == 1 and config["handler"]["threads"] == 2
     assert config["deviceType"] == "cpu" and config["handler"]["cuda_half"] is True
+    assert config["handler"]["cuda_jpeg_decode"] is False
+    assert config["handler"]["drift_every_s"] == 0.0
     assert (tmp_path / "seg-b2.manifest.json").is_file()
 
 
@@ -128,6 +134,7 @@ def test_inconsistent_metadata_is_refused(tiny_export, tmp_path):
         (ArchiveOptions(min_workers=2, max_workers=1), "max-workers"),
         (ArchiveOptions(device_type="tpu"), "device-type"),
         (ArchiveOptions(runtime="tensorrt"), "runtime"),
+        (ArchiveOptions(drift_every_s=-1), "drift-every-s"),
     ],
 )
 def test_bad_options(options, message, tiny_export, tmp_path):

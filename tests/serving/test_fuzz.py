@@ -56,6 +56,8 @@ def check_refusal(error: InputError) -> None:
 @example(item={"\u00e9" * 500: b"x", "\x00": b"y"}, request_headers={})
 @example(item={"data": b"x"}, request_headers={"Accept": "\ud800" + "x" * 10_000})
 @example(item={"body": {"output": ["\u2028"] * 50, "image": "!!"}}, request_headers={})
+# Astral characters escape to 10 ASCII characters each: 8 such names once made a 1,700-char message.
+@example(item={"\U00010000" * 40 + str(i): b"" for i in range(8)}, request_headers={})
 def test_parse_request_returns_or_refuses_cleanly(item, request_headers):
     try:
         request = parse_request(item, request_headers)

@@ -115,11 +115,11 @@ def test_drift_histograms_observe_one_image_per_interval(service, caplog):
 
 
 def test_a_bad_drift_interval_names_the_option() -> None:
-    from handler.segmenter_handler import _drift_every_s
+    from handler.drift import drift_interval
 
     for bad in ("soon", -1, float("nan")):
         with pytest.raises(ValueError, match="drift_every_s"):
-            _drift_every_s({"drift_every_s": bad})
+            drift_interval({"drift_every_s": bad})
 
 
 def test_mixed_batch_statuses_types_and_metrics(service, reference, caplog):
