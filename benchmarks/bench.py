@@ -21,6 +21,13 @@ pipeline; concurrency 8: >= 1.5x the naive peer and >= 0.85x the limit). Writes
 ``benchmarks/results/<date>.md`` and ``.json``. The load generator shares the machine with the
 server: on a 2-core machine every served figure is a lower bound.
 
+On a CUDA machine (``--device auto``, the default, picks it) every row runs on the GPU: the
+limit sweeps 1, 2 and 4 processes sharing it at batch 1, 8 and 32, the pipeline decodes JPEGs
+with nvJPEG as a CUDA worker does (``handler.pixels``), TorchServe runs one worker per GPU, the
+naive peer runs its forward there too, the served rows go to concurrency 1, 8 and 32, and
+TorchScript is measured again with fp16 and channels_last (``torchscript-fp16``: the archive's
+``cuda_half`` and ``cuda_channels_last``).
+
 Example:
     python -m benchmarks.bench --requests 40
 """
@@ -45,11 +52,13 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.limit import Layout, forward_work, sweep
+from benchmarks.limit import Layout, forward_work, gpu_layouts, layouts, sweep
 from handler.artifact import METADATA_FILE, MODEL_FILE, load_metadata
 from serving.archive import ArchiveOptions
 
 REPO = Path(__file__).resolve().parents[1]
+# On CUDA one more row set: TorchScript under the archive's cuda_half + cuda_channels_last.
+TORCHSCRIPT_FP16 = "torchscript-fp16"
 DEFAULT_EXPORT = REPO / "runs" / "default" / "export"
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -138,6 +147,7 @@ def machine() -> dict[str, object]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cuda": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
         # Other processes' load is not controlled: a busy machine makes every row slower.
         "load average (1/5/15 min)": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
@@ -204,19 +214,50 @@ def export_runtimes(export_dir: Path) -> list[str]:
     return [r for r in RUNTIMES if r in carried and carried[r].passed]
 
 
-def load_for_bench(export_dir: Path, runtime: str, threads: int):
-    """The runtime's model exactly as the handler loads it (picklable through partial)."""
-    from handler.artifact import RUNTIME_FILES
-    from handler.runtime import load_model
+def resolve_device(name: str) -> str:
+    """``auto`` → ``cuda`` where CUDA is, else ``cpu``; ``cuda`` without it is an error.
 
-    return load_model(export_dir / RUNTIME_FILES[runtime], runtime, "cpu", threads)
+    >>> resolve_device("cpu")
+    'cpu'
+    """
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: CUDA is not available here; use --device cpu")
+    return name
+
+
+def load_for_bench(export_dir: Path, runtime: str, device: str, threads: int):
+    """The runtime's model exactly as the handler loads it (picklable through partial);
+    :data:`TORCHSCRIPT_FP16` is TorchScript under the handler's fp16 + channels_last switches."""
+    from handler.artifact import RUNTIME_FILES, TORCHSCRIPT
+    from handler.runtime import CudaSwitched, load_model
+
+    if runtime == TORCHSCRIPT_FP16:
+        model = load_model(export_dir / RUNTIME_FILES[TORCHSCRIPT], TORCHSCRIPT, device, threads)
+        return CudaSwitched(model, half=True, channels_last=True)
+    return load_model(export_dir / RUNTIME_FILES[runtime], runtime, device, threads)
+
+
+def archive_options(runtime: str) -> ArchiveOptions:
+    """The archive ``make archive RUNTIME=...`` builds for a bench runtime.
+
+    >>> archive_options(TORCHSCRIPT_FP16).cuda_half, archive_options("onnx").runtime
+    (True, 'onnx')
+    """
+    if runtime == TORCHSCRIPT_FP16:
+        return ArchiveOptions(runtime="torchscript", cuda_half=True, cuda_channels_last=True)
+    return ArchiveOptions(runtime=runtime)
 
 
 def served_pipeline(
-    export_dir: Path, runtime: str, threads: int
+    export_dir: Path, runtime: str, threads: int, device: str = "cpu"
 ) -> Callable[[list[bytes]], list[bytes]]:
     """The served path in-process: JPEG bytes → decode → resize → ONE forward → upsample and
-    argmax → mask PNG bodies, each step the handler's own function."""
+    argmax → mask PNG bodies, each step the handler's own function, on ``device`` as a worker
+    there runs it (on CUDA plain JPEGs decoded by nvJPEG)."""
     import torch
 
     from handler.imaging import DEFAULT_MAX_PIXELS
@@ -225,38 +266,38 @@ def served_pipeline(
     from handler.preprocessing import collate, logits_to_prediction, prepare_image
 
     meta = load_metadata(export_dir / METADATA_FILE)
-    model = load_for_bench(export_dir, runtime, threads)
-    cpu = torch.device("cpu")
+    model = load_for_bench(export_dir, runtime, device, threads)
+    on = torch.device(device)
 
     def process(images: list[bytes]) -> list[bytes]:
-        decoded = decode_to_device(images, DEFAULT_MAX_PIXELS, cpu)
+        decoded = decode_to_device(images, DEFAULT_MAX_PIXELS, on, on.type == "cuda")
         prepared = [prepare_image(pixels, meta.preprocess) for pixels in decoded]
         with torch.inference_mode():
             logits = model(collate([x for x, _ in prepared], meta.preprocess))
         bodies = []
         for j, (_, geometry) in enumerate(prepared):
             mask, _ = logits_to_prediction(logits[j], geometry, with_confidence=False)
-            bodies.append(encode_output("mask", None, mask.numpy(), None, meta))
+            bodies.append(encode_output("mask", None, mask.cpu().numpy(), None, meta))
         return bodies
 
     return process
 
 
 def pipeline_work(
-    export_dir: Path, runtime: str, images: list[bytes], threads: int, batch: int
+    export_dir: Path, runtime: str, images: list[bytes], device: str, threads: int, batch: int
 ) -> Callable[[], int]:
     """:func:`served_pipeline` on ``batch`` of ``images`` (cycled) per call: a
     :data:`benchmarks.limit.WorkMaker` through ``functools.partial(pipeline_work, export_dir,
-    runtime, images)``."""
+    runtime, images, device)``."""
     import itertools
 
-    process = served_pipeline(export_dir, runtime, threads)
+    process = served_pipeline(export_dir, runtime, threads, device)
     cycle = itertools.cycle(images)
     return lambda: len(process([next(cycle) for _ in range(batch)]))
 
 
 def pipeline_row(
-    workload: Workload, runtime: str, image: bytes, threads: int, requests: int
+    workload: Workload, runtime: str, image: bytes, threads: int, requests: int, device: str
 ) -> Row:
     """The served path in-process, one image at a time with one worker's torch threads: what
     a served request at concurrency 1 is held to."""
@@ -265,7 +306,7 @@ def pipeline_row(
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        process = served_pipeline(workload.export_dir, runtime, threads)
+        process = served_pipeline(workload.export_dir, runtime, threads, device)
         p50, p95, rps, size = measure(lambda: len(process([image])[0]), requests, 1)
     finally:
         torch.set_num_threads(before)
@@ -307,12 +348,11 @@ def served_rows(
     from client.grpc_client import GrpcClient
     from client.rest import RestClient
     from client.retry import NO_RETRY
-    from serving.archive import ArchiveOptions, build_archive
+    from serving.archive import build_archive
     from serving.server import Ports, start, stop
 
     store = workdir / f"store_{workload.name}_{runtime}"
-    options = ArchiveOptions(runtime=runtime)
-    build_archive(workload.export_dir, store, options)
+    build_archive(workload.export_dir, store, archive_options(runtime))
     server_dir = workdir / f"server_{workload.name}_{runtime}"
     info = start(REPO / "config.properties", store, server_dir, Ports.free(), timeout_s=300)
     rows = []
@@ -351,16 +391,17 @@ def served_rows(
 
 
 def naive_rows(
-    workload: Workload, image: bytes, concurrencies: list[int], requests: int
+    workload: Workload, image: bytes, concurrencies: list[int], requests: int, device: str
 ) -> list[Row]:
-    """The FastAPI peer (base64 PNG in JSON) at each concurrency."""
+    """The FastAPI peer (base64 PNG in JSON) at each concurrency, its forward on ``device``."""
     import requests as http
 
     from serving.server import free_port
 
     port = free_port()
     model_pt = workload.export_dir / MODEL_FILE
-    cmd = [sys.executable, "-m", "benchmarks.naive_peer", "--model", str(model_pt)]
+    cmd = [sys.executable, "-m", "benchmarks.naive_peer", "--model", str(model_pt), "--device",
+           device]  # fmt: skip
     proc = subprocess.Popen([*cmd, "--port", str(port)], cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -489,7 +530,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--export-dir", type=Path, default=DEFAULT_EXPORT, help="demo model")
     parser.add_argument("--requests", type=int, default=40, help="requests per served row")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: cuda where CUDA is")  # fmt: skip
+    parser.add_argument("--concurrency", type=int, nargs="+", default=None,
+                        help="default: 1 4 8 on CPU, 1 8 32 on CUDA")  # fmt: skip
     parser.add_argument("--sweep-seconds", type=float, default=4.0, help="per limit layout")
     parser.add_argument("--workloads", nargs="+", default=["demo", "camera"],
                         choices=("demo", "camera"))  # fmt: skip
@@ -516,11 +560,17 @@ def workloads(args: argparse.Namespace, tmp: Path) -> list[Workload]:
 def main(argv: list[str] | None = None) -> int:
     import functools
 
+    import torch
+
     from handler.sizing import available_cpus, plan
 
     args = build_parser().parse_args(argv)
+    device = resolve_device(args.device)
+    on_cuda = device == "cuda"
     cores = available_cpus()
-    layout = plan(cores)
+    layout = plan(cores, gpus=torch.cuda.device_count() if on_cuda else 0)
+    pairs, batches = (gpu_layouts(cores), (1, 8, 32)) if on_cuda else (layouts(cores), (1, 4))
+    concurrency = args.concurrency or ([1, 8, 32] if on_cuda else [1, 4, 8])
     rows: list[Row] = []
     sweeps: dict[tuple[str, str], list[Layout]] = {}
     forwards: dict[tuple[str, str], list[Layout]] = {}
@@ -538,23 +588,30 @@ def main(argv: list[str] | None = None) -> int:
                 f"input {size[0]}x{size[1]}, fed {workload.image_size[1]}x"
                 f"{workload.image_size[0]} JPEGs (~{len(images[0]) // 1024} KiB)"
             )
-            for runtime in export_runtimes(workload.export_dir):
+            runtimes = export_runtimes(workload.export_dir)
+            if on_cuda and "torchscript" in runtimes:
+                runtimes.append(TORCHSCRIPT_FP16)
+            for runtime in runtimes:
                 key = (workload.name, runtime)
-                load = functools.partial(load_for_bench, workload.export_dir, runtime)
-                forward = functools.partial(forward_work, load, size)
-                forwards[key] = sweep(forward, cores, seconds=args.sweep_seconds)
-                served_path = functools.partial(pipeline_work, workload.export_dir, runtime, images)
-                sweeps[key] = sweep(served_path, cores, seconds=args.sweep_seconds)
+                load = functools.partial(load_for_bench, workload.export_dir, runtime, device)
+                forward = functools.partial(forward_work, load, size, device)
+                forwards[key] = sweep(forward, pairs, batches, args.sweep_seconds)
+                served_path = functools.partial(
+                    pipeline_work, workload.export_dir, runtime, images, device
+                )
+                sweeps[key] = sweep(served_path, pairs, batches, args.sweep_seconds)
                 limits[key] = sweeps[key][0]
                 rows.append(
-                    pipeline_row(workload, runtime, images[0], layout.threads, args.requests)
+                    pipeline_row(
+                        workload, runtime, images[0], layout.threads, args.requests, device
+                    )
                 )
                 served, stage_ms = served_rows(
-                    workload, runtime, images, args.concurrency, args.requests, tmp
+                    workload, runtime, images, concurrency, args.requests, tmp
                 )
                 rows += served
                 stages[(workload.name, runtime)] = stage_ms
-            rows += naive_rows(workload, images[0], args.concurrency, args.requests)
+            rows += naive_rows(workload, images[0], concurrency, args.requests, device)
     now = dt.datetime.now(dt.timezone.utc)
     info = {
         "date": now.strftime("%Y-%m-%d %H:%M UTC"),

@@ -13,7 +13,9 @@ Two kinds of work are swept, each by a picklable *maker* ``make(threads, batch) 
 Each layout starts ``processes`` fresh Python processes (spawned, so no state is shared); each
 builds its work with ``threads`` intra-op threads, warms up, waits at a barrier, then runs
 batches for ``seconds``. The layout's throughput is all images finished by all processes over
-the wall time. :func:`sweep` returns every layout, best first.
+the wall time. :func:`sweep` returns every layout, best first. On CPU the layouts split the
+cores (:func:`layouts`); on a GPU they are 1, 2 or 4 processes sharing it, as TorchServe's
+workers per GPU would (:func:`gpu_layouts`).
 
 Example:
     >>> layouts(cores=2)
@@ -52,18 +54,35 @@ def layouts(cores: int) -> list[tuple[int, int]]:
     return pairs
 
 
+def gpu_layouts(cores: int) -> list[tuple[int, int]]:
+    """(processes, threads) for one GPU: 1, 2 or 4 processes sharing it (never more than the
+    cores), each with an equal share of the cores for decoding and encoding.
+
+    >>> gpu_layouts(16), gpu_layouts(2)
+    ([(1, 16), (2, 8), (4, 4)], [(1, 2), (2, 1)])
+    """
+    return [(p, max(1, cores // p)) for p in (1, 2, 4) if p == 1 or p <= cores]
+
+
 def forward_work(
-    load: Callable[[int], Callable], size: tuple[int, int], threads: int, batch: int
+    load: Callable[[int], Callable],
+    size: tuple[int, int],
+    device: str,
+    threads: int,
+    batch: int,
 ) -> Callable[[], int]:
-    """Forwards only: ``load(threads)``'s model on a random ``(batch, 3, *size)`` input.
-    Use ``functools.partial(forward_work, load, size)`` as a maker."""
+    """Forwards only: ``load(threads)``'s model on a random ``(batch, 3, *size)`` input on
+    ``device`` (each forward waits for the GPU to finish). Use
+    ``functools.partial(forward_work, load, size, device)`` as a maker."""
     import torch
 
     model = load(threads)
-    x = torch.randn(batch, 3, *size)
+    x = torch.randn(batch, 3, *size, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def run() -> int:
         model(x)
+        sync()
         return batch
 
     return run
@@ -117,14 +136,15 @@ def measure_layout(
 
 def sweep(
     make: WorkMaker,
-    cores: int,
+    pairs: Sequence[tuple[int, int]],
     batches: Sequence[int] = (1, 4),
     seconds: float = 4.0,
 ) -> list[Layout]:
-    """Every (processes, threads) layout of :func:`layouts` at each batch size, best first."""
+    """Every (processes, threads) layout of ``pairs`` (:func:`layouts` or
+    :func:`gpu_layouts`) at each batch size, best first."""
     found = [
         measure_layout(make, processes, threads, batch, seconds)
-        for processes, threads in layouts(cores)
+        for processes, threads in pairs
         for batch in batches
     ]
     return sorted(found, key=lambda r: r.images_per_s, reverse=True)

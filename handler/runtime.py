@@ -71,6 +71,30 @@ def load_scripted_model(
         return torch.jit.load(str(path), map_location=device, **kwargs).eval()
 
 
+class CudaSwitched:
+    """A TorchScript model as a CUDA worker runs it under the archive's ``cuda_half`` and
+    ``cuda_channels_last`` switches: weights cast to fp16 once, each input re-laid out
+    channels-last and/or cast to fp16 on its way in. The handler and ``make bench`` both wrap
+    with it, so the bench's in-process fp16 rows run what the served ones run.
+
+    >>> model = CudaSwitched(torch.nn.Conv2d(3, 2, 1), half=False, channels_last=True)
+    >>> model(torch.zeros(1, 3, 4, 4)).is_contiguous(memory_format=torch.channels_last)
+    True
+    """
+
+    def __init__(self, model: Any, half: bool, channels_last: bool) -> None:
+        self.model = model.half() if half else model
+        self.half = half
+        self.channels_last = channels_last
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.half:
+            x = x.half()
+        return self.model(x)
+
+
 class OrtModel:
     """An ONNX Runtime session as ``Tensor -> Tensor``: the input's numpy view in (copied to
     host memory first when it lives on a GPU), the logits back as a tensor on ``device``.

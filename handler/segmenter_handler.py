@@ -67,7 +67,7 @@ from handler.pixels import can_decode_jpegs_on_device, decode_to_device  # noqa:
 from handler.postprocess import NEEDS_CONFIDENCE, NEEDS_IMAGE, encode_output  # noqa: E402
 from handler.preprocessing import collate, logits_to_prediction, prepare_image  # noqa: E402
 from handler.request import ParsedRequest, parse_request  # noqa: E402
-from handler.runtime import load_model  # noqa: E402
+from handler.runtime import CudaSwitched, load_model  # noqa: E402
 from handler.sampling import LowConfidenceSampler, mean_confidence  # noqa: E402
 from handler.sizing import worker_threads  # noqa: E402
 from handler.telemetry import Telemetry  # noqa: E402
@@ -168,8 +168,8 @@ class SegmenterHandler(BaseHandler):
         if self.runtime != TORCHSCRIPT:
             self.half = self.channels_last = False
         self.model = load_model(model_dir / serialized, self.runtime, self.device, self.threads)
-        if self.half:
-            self.model = self.model.half()
+        if self.half or self.channels_last:
+            self.model = CudaSwitched(self.model, self.half, self.channels_last)
         providers = getattr(self.model, "providers", ("torch.jit",))
         logger.info("segserve runtime %s on %s", self.runtime, ", ".join(providers))
         self.initialized = True
@@ -304,10 +304,6 @@ class SegmenterHandler(BaseHandler):
 
     @torch.inference_mode()
     def _run_model(self, inputs: torch.Tensor) -> Any:
-        if self.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        if self.half:
-            inputs = inputs.half()
         logits = self.model(inputs)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # so the inference timer measures the forward

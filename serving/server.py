@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from handler.sizing import WORKERS_ENV
 from serving.properties import (
     GRPC_INFERENCE_PORT,
     GRPC_MANAGEMENT_PORT,
@@ -344,6 +345,11 @@ def _launch(config_file: Path, props: dict[str, str], workdir: Path, log_dir: Pa
         # Workers inherit the frontend's environment: this is how the handler learns the
         # limit past which the frontend would drop its whole batch (it answers a 413 instead).
         env["TS_MAX_RESPONSE_SIZE"] = props["max_response_size"]
+    if props.get("default_workers_per_model") and not env.get(WORKERS_ENV):
+        # The same way for the worker count: without it a worker pinned to one per model sizes
+        # its torch threads for TorchServe's default (one worker per core) and idles the rest.
+        # The frontend reads this variable too (enable_envvars_config): the same value.
+        env[WORKERS_ENV] = props["default_workers_per_model"]
     launcher = Path(sys.executable).with_name("torchserve")
     cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "ts.model_server"]
     cmd += ["--start", "--foreground", "--ncs", "--ts-config", str(config_file)]

@@ -144,6 +144,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not args.out_dir:
         raise PredictError("predict: pass --out DIR, the folder for the masks and overlays")
     export_dir = Path(args.export_dir) if args.export_dir else Path(args.run_dir) / "export"
+    if args.threads is not None:
+        if args.threads < 1:
+            raise PredictError(f"predict: --threads {args.threads}: give 1 or more")
+        import torch
+
+        torch.set_num_threads(args.threads)
     predictor = Predictor.from_export(export_dir, device=args.device, runtime=args.runtime)
     options = options_from_args(args)
     for done in write_predictions(predictor, list_images(inputs), Path(args.out_dir), options):
@@ -358,6 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--runtime",
         default="torchscript",
         help="which exported model: torchscript (model.pt), onnx or onnx_int8",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: torch's); the served worker's count gives its mask bit "
+        "for bit on CPUs whose kernels split sums by thread (AVX-512 ones do)",
     )
     _add_inference(p)
     p.set_defaults(func=cmd_predict)

@@ -83,3 +83,37 @@ def test_an_unpinned_archive_runs_one_single_threaded_worker_per_core(
         assert threads == [expected.threads] * expected.workers, threads
     finally:
         stop(tmp_path / "server")
+
+
+@pytest.mark.serving
+@pytest.mark.slow
+def test_workers_pinned_in_config_properties_get_the_cores_between_them(
+    tiny_export, tmp_path, monkeypatch
+):
+    """``default_workers_per_model=1`` in config.properties (an archive without minWorkers):
+    the one worker runs every core's torch thread. The handler cannot see config.properties;
+    ``serving.server`` passes the count on as TorchServe's own variable. (Before: 1 thread of
+    2 cores, half the machine idle.)"""
+    from loadtest.fault_server import ONE_WORKER, write_server_config
+    from serving.archive import ArchiveOptions, build_archive
+    from serving.server import Ports, describe_workers, start, stop
+
+    monkeypatch.delenv("SEGSERVE_CPU_LIMIT", raising=False)
+    monkeypatch.delenv("TS_DEFAULT_WORKERS_PER_MODEL", raising=False)
+    store = tmp_path / "store"
+    build_archive(tiny_export, store, ArchiveOptions())
+    config = write_server_config(tmp_path / "config.properties", ONE_WORKER)
+    info = start(config, store, tmp_path / "server", Ports.free(), 240)
+    try:
+        deadline = time.monotonic() + 120
+        log_file = Path(info.log_dir) / "model_log.log"
+        while time.monotonic() < deadline:
+            workers = describe_workers(info.management_url, info.management_key, "segmenter")
+            if workers and all(w["status"] == "READY" for w in workers):
+                break
+            time.sleep(0.5)
+        assert len(workers) == 1, workers
+        threads = [int(n) for n in re.findall(r"torch threads (\d+)", log_file.read_text())]
+        assert threads == [plan(available_cpus(), workers=1).threads], threads
+    finally:
+        stop(tmp_path / "server")

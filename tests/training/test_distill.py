@@ -264,22 +264,26 @@ def val_kl_to_teacher(student_run: Path, teacher_run: Path, temperature: float) 
 
 
 @pytest.mark.slow
-def test_a_distilled_student_beats_the_same_recipe_without_its_teacher(tmp_path: Path) -> None:
+def test_a_distilled_student_comes_closer_to_its_teacher(tmp_path: Path) -> None:
     """Teacher, then a BiSeNetV2 student with and without it, equal seed, data and epochs: the
-    distilled student has the higher val mIoU, and its predictions are closer to the teacher's.
+    distilled student's predictions are closer to the teacher's (the KL it is trained on, on
+    the val split), by a clear margin; the val mIoU of both is printed, not asserted.
 
-    Measured here (teacher 0.711), plain -> distilled val mIoU, seeds 0-5: 0.204 -> 0.364,
-    0.292 -> 0.370, 0.357 -> 0.406, 0.404 -> 0.350, 0.402 -> 0.403, 0.270 -> 0.398 (mean 0.322
-    -> 0.382; seed 3 is the one loss). This test runs seed 1 (KL 1.048 -> 0.633, deterministic
-    on 1 thread), so a change that stops the teacher helping fails it. Students given the
-    teacher's 256 scenes themselves gained nothing stable (seeds 0-5 at 8 epochs: -0.03 to
-    +0.01): the teacher's soft labels pay where the student has less data than the teacher had.
+    Why not the mIoU: on 32 scenes it depends on the CPU's arithmetic. On a 2-core AMD EPYC
+    (AVX2), seeds 0-5, plain -> distilled: 0.204 -> 0.364, 0.292 -> 0.370, 0.357 -> 0.406,
+    0.404 -> 0.350, 0.402 -> 0.403, 0.270 -> 0.398 (mean 0.322 -> 0.382). On a 2-core Xeon
+    (AVX-512), the same code and seeds: 0.250 -> 0.359, 0.258 -> 0.199, 0.358 -> 0.399,
+    0.396 -> 0.389, 0.402 -> 0.365, 0.401 -> 0.262 (mean 0.344 -> 0.329). The KL to the teacher
+    fell for every seed on the Xeon (1.034 -> 0.586, 1.006 -> 0.926, 0.801 -> 0.571,
+    0.791 -> 0.565, 0.784 -> 0.684, 0.758 -> 0.723) and for seed 1 on the EPYC (1.048 ->
+    0.633). This test runs seed 0 (43 % lower on the Xeon), so a change that stops the
+    teacher's signal reaching the student fails it.
     """
     teacher = tmp_path / "teacher"
     taught = train(apply_overrides(recipe_from_dict(scenes(256, 0)), TEACHER), teacher)
     runs = {}
     for name, extra in (("plain", []), ("distilled", [distill(teacher, 1.0, 2.0)])):
-        recipe = apply_overrides(recipe_from_dict(scenes(32, 1)), STUDENT + extra)
+        recipe = apply_overrides(recipe_from_dict(scenes(32, 0)), STUDENT + extra)
         runs[name] = train(recipe, tmp_path / name)["final"]["val_miou"]
     plain_kl = val_kl_to_teacher(tmp_path / "plain", teacher, 2.0)
     distilled_kl = val_kl_to_teacher(tmp_path / "distilled", teacher, 2.0)
@@ -289,5 +293,4 @@ def test_a_distilled_student_beats_the_same_recipe_without_its_teacher(tmp_path:
         f"{distilled_kl:.3f}"
     )
     assert taught["best_miou"] > runs["plain"] + 0.2  # a teacher worth learning from
-    assert runs["distilled"] > runs["plain"]
-    assert distilled_kl < 0.9 * plain_kl
+    assert distilled_kl < 0.8 * plain_kl
