@@ -116,7 +116,11 @@ class ArchiveOptions:
             )
         checks = [
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (self.max_batch_delay_ms >= 0, "--max-batch-delay must be >= 0 (milliseconds)"),
+            (
+                self.max_batch_delay_ms >= 1,
+                "--max-batch-delay must be >= 1 (milliseconds): TorchServe 0.12 reads 0 as "
+                "unset and waits its default 100 ms for batch-mates on every request",
+            ),
             (
                 self.min_workers is None or self.min_workers >= 1,
                 f"--min-workers must be >= 1, got {self.min_workers}",
