@@ -122,7 +122,10 @@ def _check_decode_cost(data: bytes, image_format: str | None) -> None:
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
-    """Parse only the header; refuse bombs before a single pixel is decoded."""
+    """Parse only the header; refuse empty bodies, and bombs before a single pixel is
+    decoded."""
+    if not data:
+        raise InputError("empty", "the request body is empty: send the image file's bytes")
     Image.init()  # register every plugin, else `formats=` may not know WEBP/TIFF yet
     with warnings.catch_warnings():
         # Pillow's own bomb check is global state; ours is per call (max_pixels) and stricter.
@@ -197,9 +200,7 @@ def plain_jpeg(data: bytes, max_pixels: int) -> bool:
     >>> plain_jpeg(buf.getvalue(), 10_000), plain_jpeg(buf.getvalue()[:-2], 10_000)
     (True, False)
     """
-    if not data:
-        raise InputError("empty", "the request body is empty: send the image file's bytes")
-    data = bytes(data)
+    data = bytes(data or b"")
     image = _open(data, max_pixels)
     if image.format != "JPEG" or image.mode != "RGB" or not data.endswith(b"\xff\xd9"):
         return False
@@ -217,9 +218,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
 
     ``max_pixels`` bounds width × height as stored in the file (checked before decoding).
     """
-    if data is None or len(data) == 0:
-        raise InputError("empty", "the request body is empty: send the image file's bytes")
-    image = _open(bytes(data), max_pixels)
+    image = _open(bytes(data or b""), max_pixels)
     try:
         image.seek(0)
         image.load()

@@ -91,13 +91,15 @@ def _decode_jpegs(datas: Sequence[bytes], device: torch.device) -> list[torch.Te
     return decoded
 
 
-def _pillow_to_device(data: bytes, max_pixels: int, device: torch.device) -> torch.Tensor:
-    return host_to_device(decode_image(data, max_pixels), device)
-
-
-def _unreadable(exc: Exception) -> InputError:
-    logger.warning("unexpected decode failure", exc_info=True)
-    return InputError("bad_request", f"could not read the image: {quote_input(exc)}")
+def _by_pillow(data: bytes, max_pixels: int, device: torch.device) -> torch.Tensor | InputError:
+    """Pillow's answer for one file: its pixels on ``device``, or the error that refuses it."""
+    try:
+        return host_to_device(decode_image(data, max_pixels), device)
+    except InputError as error:
+        return error
+    except Exception as exc:  # noqa: BLE001 - odd input must not kill the worker
+        logger.warning("unexpected decode failure", exc_info=True)
+        return InputError("bad_request", f"could not read the image: {quote_input(exc)}")
 
 
 def decode_to_device(
@@ -112,28 +114,23 @@ def decode_to_device(
     ``jpegs_on_device``: decode plain JPEGs with torchcodec on ``device`` (see the module's
     docstring); off, Pillow decodes everything, as ``decode_image`` always has.
     """
-    results: list[torch.Tensor | InputError | None] = [None] * len(datas)
-    on_device: list[int] = []
-    for i, data in enumerate(datas):
-        try:
-            if jpegs_on_device and plain_jpeg(data, max_pixels):
-                on_device.append(i)
-            else:
-                results[i] = _pillow_to_device(data, max_pixels, device)
-        except InputError as error:
-            results[i] = error
-        except Exception as exc:  # noqa: BLE001 - odd input must not kill the worker
-            results[i] = _unreadable(exc)
+    on_device = [i for i, data in enumerate(datas) if jpegs_on_device and _plain(data, max_pixels)]
+    results: list[torch.Tensor | InputError] = [
+        None if i in on_device else _by_pillow(data, max_pixels, device)  # type: ignore[misc]
+        for i, data in enumerate(datas)
+    ]
     if on_device:
         decoded = _decode_jpegs([bytes(datas[i]) for i in on_device], device)
         for i, pixels in zip(on_device, decoded, strict=True):
-            if pixels is not None and pixels.shape[0] == 3:
-                results[i] = pixels
-                continue
-            try:  # Pillow's answer: the pixels, or the error that names what is wrong
-                results[i] = _pillow_to_device(datas[i], max_pixels, device)
-            except InputError as error:
-                results[i] = error
-            except Exception as exc:  # noqa: BLE001
-                results[i] = _unreadable(exc)
-    return results  # type: ignore[return-value]
+            # A file the device decoder refused gets Pillow's answer: its pixels or its error.
+            results[i] = pixels if pixels is not None else _by_pillow(datas[i], max_pixels, device)
+    return results
+
+
+def _plain(data: bytes, max_pixels: int) -> bool:
+    """:func:`handler.imaging.plain_jpeg`, False for anything it refuses: Pillow's own decode
+    of that file then gives the refusal."""
+    try:
+        return plain_jpeg(data, max_pixels)
+    except Exception:  # noqa: BLE001 - InputError or odd input: decided by _by_pillow
+        return False

@@ -197,9 +197,13 @@ class Predictor:
         """:meth:`read_pixels` as an RGB uint8 ``(H, W, 3)`` array."""
         return host_rgb(self.read_pixels(path))
 
+    def predict_pixels(self, pixels: torch.Tensor) -> Prediction:
+        """:meth:`predict` for ``(3, H, W)`` uint8 pixels on this device (:meth:`read_pixels`)."""
+        return segment(self.model, [pixels], self.spec, self.device)[0]
+
     def predict_file(self, path: Path) -> Prediction:
         """Decode an image file exactly as the handler decodes an upload, then predict."""
-        return segment(self.model, [self.read_pixels(path)], self.spec, self.device)[0]
+        return self.predict_pixels(self.read_pixels(path))
 
 
 def list_images(inputs: Sequence[Path]) -> list[Path]:
@@ -285,9 +289,7 @@ def write_predictions(
         pixels = predictor.read_pixels(path)
         rgb = host_rgb(pixels)
         if options is None or options.is_plain:
-            [(mask, confidence)] = segment(
-                predictor.model, [pixels], predictor.spec, predictor.device
-            )
+            mask, confidence = predictor.predict_pixels(pixels)
         else:
             from training.inference import segment_with_options
 
